@@ -1,0 +1,20 @@
+//! iSCSI wire layer (RFC 7143) for the target side, sans-IO.
+//!
+//! This crate decodes and encodes every iSCSI PDU, parses and builds text key=value data,
+//! negotiates login and operational keys, and runs the target side of login (including CHAP)
+//! as a state machine. It contains no sockets, tasks or clocks: callers feed it bytes, PDUs and
+//! the current time, and send what it returns.
+//!
+//! # Layout
+//! - [`types`]: wire integers (task tags, serial-arithmetic sequence numbers, LUN, ISID, TSIH).
+//! - [`pdu`]: typed Basic Header Segments for all opcodes, both directions.
+//! - [`codec`]: framing with padding, CRC32C digests and length limits.
+#![forbid(unsafe_code)]
+#![deny(unused_must_use)]
+
+pub mod codec;
+pub mod pdu;
+pub mod types;
+
+pub use codec::{Codec, ConnectionAction, DecodeError};
+pub use pdu::{Header, Pdu};
