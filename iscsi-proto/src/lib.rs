@@ -9,11 +9,15 @@
 //! - [`types`]: wire integers (task tags, serial-arithmetic sequence numbers, LUN, ISID, TSIH).
 //! - [`pdu`]: typed Basic Header Segments for all opcodes, both directions.
 //! - [`codec`]: framing with padding, CRC32C digests and length limits.
+//! - [`text`]: key=value text, multi-PDU assembly, value encodings.
+//! - [`chap`]: CHAP (RFC 1994) algorithms, secrets and challenges.
 #![forbid(unsafe_code)]
 #![deny(unused_must_use)]
 
+pub mod chap;
 pub mod codec;
 pub mod pdu;
+pub mod text;
 pub mod types;
 
 pub use codec::{Codec, ConnectionAction, DecodeError};
