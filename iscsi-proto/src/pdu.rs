@@ -785,7 +785,10 @@ impl Header {
     /// If `total_ahs_len` is not a multiple of 4 or exceeds 1020 bytes, or `data_len` exceeds
     /// 2^24 - 1: callers build these from [`Pdu`]s whose sizes they control.
     pub fn write(&self, total_ahs_len: usize, data_len: usize) -> Bhs {
-        assert!(total_ahs_len % 4 == 0 && total_ahs_len <= 255 * 4, "AHS length");
+        assert!(
+            total_ahs_len % 4 == 0 && total_ahs_len <= 255 * 4,
+            "AHS length"
+        );
         assert!(data_len < (1 << 24), "DataSegmentLength is 24 bits");
         let mut b = [0u8; BHS_LEN];
         if let Header::Unknown(raw) = self {
@@ -830,10 +833,7 @@ impl Header {
             Header::LoginRequest(h) => {
                 // RFC 7143 §11.12: the I bit is always 1 in a Login Request.
                 b[0] |= IMMEDIATE;
-                b[1] = bit(h.transit, F)
-                    | bit(h.continue_, C)
-                    | (h.csg.bits() << 2)
-                    | h.nsg.bits();
+                b[1] = bit(h.transit, F) | bit(h.continue_, C) | (h.csg.bits() << 2) | h.nsg.bits();
                 b[2] = h.version_max;
                 b[3] = h.version_min;
                 b[8..14].copy_from_slice(&h.isid.0);
@@ -905,10 +905,7 @@ impl Header {
                 put_u32(&mut b, 32, h.max_cmd_sn.0);
             }
             Header::LoginResponse(h) => {
-                b[1] = bit(h.transit, F)
-                    | bit(h.continue_, C)
-                    | (h.csg.bits() << 2)
-                    | h.nsg.bits();
+                b[1] = bit(h.transit, F) | bit(h.continue_, C) | (h.csg.bits() << 2) | h.nsg.bits();
                 b[2] = h.version_max;
                 b[3] = h.version_active;
                 b[8..14].copy_from_slice(&h.isid.0);

@@ -159,7 +159,10 @@ mod tests {
     #[test]
     fn lun_encodings() {
         assert_eq!(Lun::from_number(1).unwrap().0, [0, 1, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(Lun::from_number(300).unwrap().0, [0x41, 0x2c, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            Lun::from_number(300).unwrap().0,
+            [0x41, 0x2c, 0, 0, 0, 0, 0, 0]
+        );
         for n in [0u16, 1, 255, 256, 16383] {
             assert_eq!(Lun::from_number(n).unwrap().number(), Some(n));
         }
