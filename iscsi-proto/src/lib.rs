@@ -10,12 +10,14 @@
 //! - [`pdu`]: typed Basic Header Segments for all opcodes, both directions.
 //! - [`codec`]: framing with padding, CRC32C digests and length limits.
 //! - [`text`]: key=value text, multi-PDU assembly, value encodings.
+//! - [`negotiate`]: operational key negotiation and the resulting session parameters.
 //! - [`chap`]: CHAP (RFC 1994) algorithms, secrets and challenges.
 #![forbid(unsafe_code)]
 #![deny(unused_must_use)]
 
 pub mod chap;
 pub mod codec;
+pub mod negotiate;
 pub mod pdu;
 pub mod text;
 pub mod types;
