@@ -1,0 +1,81 @@
+//! Filesystem checks of backing stores, kept apart from the pure resolution so the cluster
+//! mode can report them as Target conditions instead of failing.
+
+use std::fmt;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+
+use target_core::config::{Backing, DesiredState};
+
+use super::error::Problem;
+
+/// A LUN whose backing store cannot be opened or created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingStoreError {
+    pub iqn: String,
+    pub lun: u16,
+    /// [`Problem::BackingStoreNotFound`] or [`Problem::BackingStoreUnusable`].
+    pub problem: Problem,
+}
+
+impl fmt::Display for BackingStoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "target {} LUN {}: {}", self.iqn, self.lun, self.problem)
+    }
+}
+
+impl std::error::Error for BackingStoreError {}
+
+/// Checks that every path-backed LUN names a regular file or block device, or does not exist
+/// yet and has a size to be created with. Only inspects metadata; opens nothing.
+///
+/// The parent directory of a file still to be created is not checked: creating the file is
+/// the LUN backend's job (and it may create the directory).
+pub fn check_backing_stores(state: &DesiredState) -> Vec<BackingStoreError> {
+    let mut errors = Vec::new();
+    for (iqn, target) in &state.targets {
+        for (&lun, config) in &target.luns {
+            let Backing::Path(path) = &config.backing else {
+                continue;
+            };
+            if let Err(problem) = check_path(path, config.create_size.is_some()) {
+                errors.push(BackingStoreError {
+                    iqn: iqn.clone(),
+                    lun,
+                    problem,
+                });
+            }
+        }
+    }
+    errors
+}
+
+fn check_path(path: &Path, can_create: bool) -> Result<(), Problem> {
+    let unusable = |reason: String| Problem::BackingStoreUnusable {
+        path: path.to_owned(),
+        reason,
+    };
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            let file_type = meta.file_type();
+            if file_type.is_file() || file_type.is_block_device() {
+                Ok(())
+            } else if file_type.is_dir() {
+                Err(unusable("is a directory".to_owned()))
+            } else {
+                Err(unusable("not a regular file or block device".to_owned()))
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if can_create {
+                Ok(())
+            } else {
+                Err(Problem::BackingStoreNotFound {
+                    path: path.to_owned(),
+                })
+            }
+        }
+        Err(e) => Err(unusable(e.to_string())),
+    }
+}

@@ -1,0 +1,3 @@
+//! ktgt node agent library.
+
+pub mod config;
