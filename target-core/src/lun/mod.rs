@@ -7,14 +7,29 @@
 //!
 //! Offsets and lengths are already validated against [`Store::size`] by the SCSI layer; stores
 //! still check them and answer [`BackendError::OutOfRange`] rather than trust the caller.
+//!
+//! # Backends
+//! - [`MemStore`]: RAM, for tests, fuzzing and demos.
+//! - [`FileStore`] ([`Engine::ThreadPool`]): blocking `pread`/`pwrite`/`fdatasync`/`fallocate`
+//!   on tokio's blocking pool. Portable; the reference in differential tests.
+//! - [`UringStore`] ([`Engine::Uring`]): one io_uring and one submitter thread per store;
+//!   see [`uring`] for the design. [`Engine::Auto`] uses it when [`uring_available`] says so.
+//!
+//! [`Store::open`] opens either file backend from a [`StoreConfig`].
 
+pub mod file;
 pub mod mem;
+mod sys;
+pub mod uring;
 
 use std::io;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
+pub use file::FileStore;
 pub use mem::MemStore;
+pub use uring::{uring_available, UringStore};
 
 /// Store failures. Each maps to a SCSI sense in the SCSI layer (MEDIUM ERROR for reads,
 /// WRITE ERROR for writes, ...).
@@ -27,19 +42,137 @@ pub enum BackendError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("store is read-only")]
     ReadOnly,
+    /// The backing could not be opened or created.
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The backing exists but cannot serve as a store (size, type, configuration).
+    #[error("{}: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+    /// An engine was asked for that this kernel or process cannot provide.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// An O_DIRECT store got a range that is not a multiple of its block size.
+    #[error("range {offset}+{len} is not aligned to {align} bytes (O_DIRECT)")]
+    Misaligned { offset: u64, len: u64, align: u64 },
+}
+
+/// Which I/O engine a file store uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Engine {
+    /// io_uring when [`uring_available`] succeeds, else the thread pool (with a warning).
+    #[default]
+    Auto,
+    /// io_uring or fail with [`BackendError::Unsupported`].
+    Uring,
+    /// Blocking syscalls on tokio's blocking pool.
+    ThreadPool,
+}
+
+/// How to open a file or block device as a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// A regular file or a block device.
+    pub path: PathBuf,
+    /// Open with O_DIRECT (bypass the page cache). Every range must then be a multiple of
+    /// `block_size`, which must be at least the device's logical block size.
+    pub direct: bool,
+    /// Open read-only; writes, discards and write-zeroes fail with [`BackendError::ReadOnly`].
+    pub read_only: bool,
+    /// If `path` does not exist, create it as a sparse file of this many bytes. An existing
+    /// file is never truncated or grown.
+    pub create_size: Option<u64>,
+    /// Logical block size: a power of two in 512..=65536. The size must be a multiple of it.
+    pub block_size: u32,
+    pub engine: Engine,
+}
+
+impl StoreConfig {
+    /// A read-write, buffered, [`Engine::Auto`] store of an existing `path`.
+    pub fn new(path: impl Into<PathBuf>, block_size: u32) -> StoreConfig {
+        StoreConfig {
+            path: path.into(),
+            direct: false,
+            read_only: false,
+            create_size: None,
+            block_size,
+            engine: Engine::Auto,
+        }
+    }
 }
 
 /// A logical unit's backing store.
 #[derive(Debug, Clone)]
 pub enum Store {
     Memory(MemStore),
+    ThreadPool(FileStore),
+    Uring(UringStore),
 }
 
 impl Store {
+    /// Opens a regular file or block device.
+    ///
+    /// Creates the file sparse when it is missing and `cfg.create_size` is set; never
+    /// truncates or grows an existing one. Probes io_uring for [`Engine::Auto`] and falls back
+    /// to the thread pool with a `warn!` naming the reason.
+    ///
+    /// # Errors
+    /// Every error names the path: [`BackendError::Open`] when it is missing (and no
+    /// `create_size`), unreadable, or not writable for a read-write store;
+    /// [`BackendError::Invalid`] when it is not a regular file or block device, is empty, its
+    /// size is not a multiple of `block_size`, or `block_size` is bad;
+    /// [`BackendError::Unsupported`] for [`Engine::Uring`] without io_uring.
+    pub fn open(cfg: &StoreConfig) -> Result<Store, BackendError> {
+        let use_uring = match cfg.engine {
+            Engine::ThreadPool => false,
+            Engine::Uring => match uring_available() {
+                Ok(()) => true,
+                Err(reason) => {
+                    return Err(BackendError::Unsupported(format!(
+                        "io_uring for {}: {reason}",
+                        cfg.path.display()
+                    )))
+                }
+            },
+            Engine::Auto => match uring_available() {
+                Ok(()) => true,
+                Err(reason) => {
+                    tracing::warn!(path = %cfg.path.display(), %reason,
+                        "io_uring unavailable, using the thread-pool backend");
+                    false
+                }
+            },
+        };
+        let shared = std::sync::Arc::new(file::FileShared::open(cfg)?);
+        let store = if use_uring {
+            match UringStore::new(shared.clone()) {
+                Ok(u) => Store::Uring(u),
+                Err(e) if cfg.engine == Engine::Auto => {
+                    tracing::warn!(path = %cfg.path.display(), error = %e,
+                        "io_uring setup failed, using the thread-pool backend");
+                    Store::ThreadPool(FileStore::new(shared.clone()))
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            Store::ThreadPool(FileStore::new(shared.clone()))
+        };
+        tracing::info!(path = %cfg.path.display(), size = shared.size,
+            block_device = shared.block_device, direct = shared.direct,
+            read_only = shared.read_only, engine = store.kind(), "opened LUN store");
+        Ok(store)
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         match self {
             Store::Memory(m) => m.size(),
+            Store::ThreadPool(f) => f.size(),
+            Store::Uring(u) => u.size(),
         }
     }
 
@@ -47,14 +180,37 @@ impl Store {
     pub fn kind(&self) -> &'static str {
         match self {
             Store::Memory(_) => "memory",
+            Store::ThreadPool(_) => "threadpool",
+            Store::Uring(_) => "io_uring",
+        }
+    }
+
+    /// The backing path, for file stores.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Store::Memory(_) => None,
+            Store::ThreadPool(f) => Some(f.path()),
+            Store::Uring(u) => Some(u.path()),
+        }
+    }
+
+    /// Whether the store was opened read-only.
+    pub fn read_only(&self) -> bool {
+        match self {
+            Store::Memory(_) => false,
+            Store::ThreadPool(f) => f.shared().read_only,
+            Store::Uring(u) => u.shared().read_only,
         }
     }
 
     /// Whether [`Store::discard`] deallocates (punches holes). When false, discard still
-    /// succeeds by writing zeroes.
+    /// succeeds by writing zeroes. For files this turns false after the filesystem first
+    /// refuses a punch-hole.
     pub fn supports_discard(&self) -> bool {
         match self {
             Store::Memory(_) => true,
+            Store::ThreadPool(f) => f.shared().punch_hole_supported(),
+            Store::Uring(u) => u.shared().punch_hole_supported(),
         }
     }
 
@@ -62,15 +218,23 @@ impl Store {
     pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, BackendError> {
         match self {
             Store::Memory(m) => m.read(offset, len),
+            Store::ThreadPool(f) => f.read(offset, len).await,
+            Store::Uring(u) => u.read(offset, len).await,
         }
     }
 
     /// Writes the concatenation of `data` at `offset`. With `fua`, returns only once the data
     /// is on stable storage.
-    pub async fn write(&self, offset: u64, data: Vec<Bytes>, fua: bool) -> Result<(), BackendError> {
-        let _ = fua;
+    pub async fn write(
+        &self,
+        offset: u64,
+        data: Vec<Bytes>,
+        fua: bool,
+    ) -> Result<(), BackendError> {
         match self {
             Store::Memory(m) => m.write(offset, &data),
+            Store::ThreadPool(f) => f.write(offset, data, fua).await,
+            Store::Uring(u) => u.write(offset, data, fua).await,
         }
     }
 
@@ -78,6 +242,8 @@ impl Store {
     pub async fn flush(&self) -> Result<(), BackendError> {
         match self {
             Store::Memory(_) => Ok(()),
+            Store::ThreadPool(f) => f.flush().await,
+            Store::Uring(u) => u.flush().await,
         }
     }
 
@@ -85,6 +251,8 @@ impl Store {
     pub async fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         match self {
             Store::Memory(m) => m.zero(offset, len),
+            Store::ThreadPool(f) => f.discard(offset, len).await,
+            Store::Uring(u) => u.discard(offset, len).await,
         }
     }
 
@@ -92,6 +260,8 @@ impl Store {
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         match self {
             Store::Memory(m) => m.zero(offset, len),
+            Store::ThreadPool(f) => f.write_zeroes(offset, len).await,
+            Store::Uring(u) => u.write_zeroes(offset, len).await,
         }
     }
 }
@@ -103,3 +273,6 @@ pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), Backen
         _ => Err(BackendError::OutOfRange { offset, len, size }),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,390 @@
+//! Opening a file or block device as a store, and the portable thread-pool backend.
+//!
+//! [`FileStore`] runs each operation as blocking `pread`/`pwrite`/`fdatasync`/`fallocate`
+//! calls on tokio's blocking pool ([`tokio::task::spawn_blocking`]). It works wherever std
+//! does and is the reference the io_uring backend is tested against; it costs a thread hop
+//! per operation, so [`super::Engine::Auto`] prefers io_uring when the kernel allows it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+
+use super::sys::{self, AlignedBuf, DIRECT_MEM_ALIGN};
+use super::{check_range, BackendError, StoreConfig};
+
+/// Size of the shared zero buffer used when the filesystem cannot zero a range itself.
+pub(crate) const ZERO_CHUNK: usize = 1 << 20;
+
+/// A 1 MiB page-aligned buffer of zeroes, shared by every fallback write-zeroes (aligned, so
+/// it also serves O_DIRECT).
+pub(crate) fn zero_chunk() -> Bytes {
+    static ZEROES: OnceLock<Bytes> = OnceLock::new();
+    ZEROES
+        .get_or_init(|| Bytes::from_owner(AlignedBuf::zeroed(ZERO_CHUNK, DIRECT_MEM_ALIGN)))
+        .clone()
+}
+
+/// An open backing file or block device plus what was learned about it at open time. Shared
+/// by the thread-pool and io_uring backends.
+#[derive(Debug)]
+pub(crate) struct FileShared {
+    pub(crate) file: File,
+    pub(crate) path: PathBuf,
+    pub(crate) size: u64,
+    pub(crate) block_size: u32,
+    pub(crate) direct: bool,
+    pub(crate) read_only: bool,
+    pub(crate) block_device: bool,
+    /// `FALLOC_FL_PUNCH_HOLE` worked so far (cleared on the first EOPNOTSUPP).
+    punch_hole: AtomicBool,
+    /// `FALLOC_FL_ZERO_RANGE` worked so far (cleared on the first EOPNOTSUPP).
+    zero_range: AtomicBool,
+}
+
+impl FileShared {
+    /// Opens and validates `cfg.path` (see [`super::Store::open`] for the rules).
+    pub(crate) fn open(cfg: &StoreConfig) -> Result<FileShared, BackendError> {
+        let path = &cfg.path;
+        let invalid = |reason: String| BackendError::Invalid {
+            path: path.clone(),
+            reason,
+        };
+        let bs = cfg.block_size;
+        if !(512..=65536).contains(&bs) || !bs.is_power_of_two() {
+            return Err(invalid(format!(
+                "block size {bs} is not a power of two between 512 and 65536"
+            )));
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match cfg.create_size {
+                Some(size) => create_sparse(path, size, bs)?,
+                None => {
+                    return Err(BackendError::Open {
+                        path: path.clone(),
+                        source: io::Error::new(
+                            io::ErrorKind::NotFound,
+                            "no such file, and no create_size to create it",
+                        ),
+                    })
+                }
+            },
+            Err(source) => {
+                return Err(BackendError::Open {
+                    path: path.clone(),
+                    source,
+                })
+            }
+        }
+
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(!cfg.read_only);
+        if cfg.direct {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        let mut file = opts.open(path).map_err(|source| BackendError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let meta = file.metadata().map_err(|source| BackendError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let file_type = meta.file_type();
+        let (size, block_device) = if file_type.is_file() {
+            (meta.len(), false)
+        } else if file_type.is_block_device() {
+            // A block device's st_size is 0; its end is its size.
+            let size = file
+                .seek(SeekFrom::End(0))
+                .map_err(|source| BackendError::Open {
+                    path: path.clone(),
+                    source,
+                })?;
+            (size, true)
+        } else {
+            return Err(invalid(
+                "is neither a regular file nor a block device".into(),
+            ));
+        };
+        if size == 0 {
+            return Err(invalid("is empty (size 0)".into()));
+        }
+        if !aligned_to(size, u64::from(bs)) {
+            return Err(invalid(format!(
+                "size {size} is not a multiple of the block size {bs}"
+            )));
+        }
+        Ok(FileShared {
+            file,
+            path: path.clone(),
+            size,
+            block_size: bs,
+            direct: cfg.direct,
+            read_only: cfg.read_only,
+            block_device,
+            punch_hole: AtomicBool::new(true),
+            zero_range: AtomicBool::new(true),
+        })
+    }
+
+    /// Memory alignment for O_DIRECT buffers, or `None` for buffered I/O.
+    pub(crate) fn direct_align(&self) -> Option<usize> {
+        self.direct
+            .then(|| DIRECT_MEM_ALIGN.max(self.block_size as usize))
+    }
+
+    /// Range check, write permission and O_DIRECT alignment of an operation.
+    pub(crate) fn check(&self, offset: u64, len: u64, write: bool) -> Result<(), BackendError> {
+        if write && self.read_only {
+            return Err(BackendError::ReadOnly);
+        }
+        check_range(offset, len, self.size)?;
+        let align = u64::from(self.block_size);
+        if self.direct && !(aligned_to(offset, align) && aligned_to(len, align)) {
+            return Err(BackendError::Misaligned { offset, len, align });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn punch_hole_supported(&self) -> bool {
+        self.punch_hole.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn zero_range_supported(&self) -> bool {
+        self.zero_range.load(Ordering::Relaxed)
+    }
+
+    /// Records the outcome of a punch-hole attempt: `Ok(true)` done, `Ok(false)` unsupported
+    /// here (fall back to writing zeroes), `Err` a real failure.
+    pub(crate) fn note_punch_hole(&self, res: io::Result<()>) -> io::Result<bool> {
+        Self::note(&self.punch_hole, res, &self.path, "FALLOC_FL_PUNCH_HOLE")
+    }
+
+    /// As [`Self::note_punch_hole`], for `FALLOC_FL_ZERO_RANGE`.
+    pub(crate) fn note_zero_range(&self, res: io::Result<()>) -> io::Result<bool> {
+        Self::note(&self.zero_range, res, &self.path, "FALLOC_FL_ZERO_RANGE")
+    }
+
+    fn note(flag: &AtomicBool, res: io::Result<()>, path: &Path, what: &str) -> io::Result<bool> {
+        match res {
+            Ok(()) => Ok(true),
+            Err(e) if is_unsupported(&e) => {
+                if flag.swap(false, Ordering::Relaxed) {
+                    tracing::info!(path = %path.display(), error = %e,
+                        "{what} unsupported, writing zeroes instead");
+                }
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Errors that mean "this fallocate mode is not available on this file", not "I/O failed".
+pub(crate) fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::ENOTTY)
+    )
+}
+
+/// Creates `path` as a sparse file of `size` bytes. Never touches an existing file: if
+/// someone else created it first, theirs is used (and validated) as is.
+fn create_sparse(path: &Path, size: u64, block_size: u32) -> Result<(), BackendError> {
+    if size == 0 || !aligned_to(size, u64::from(block_size)) {
+        return Err(BackendError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!(
+                "create_size {size} is not a positive multiple of the block size {block_size}"
+            ),
+        });
+    }
+    let file = match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(source) => {
+            return Err(BackendError::Open {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if let Err(source) = file.set_len(size) {
+        // Do not leave a half-made file that a retry would take as the real one.
+        let _ = std::fs::remove_file(path);
+        return Err(BackendError::Open {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    tracing::info!(path = %path.display(), size, "created sparse backing file");
+    Ok(())
+}
+
+/// The portable backend: blocking syscalls on tokio's blocking thread pool. Clones share the
+/// open file.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    shared: Arc<FileShared>,
+}
+
+impl FileStore {
+    pub(crate) fn new(shared: Arc<FileShared>) -> FileStore {
+        FileStore { shared }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.shared.size
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    pub(crate) fn shared(&self) -> &FileShared {
+        &self.shared
+    }
+
+    pub(crate) async fn read(&self, offset: u64, len: usize) -> Result<Bytes, BackendError> {
+        self.shared.check(offset, len as u64, false)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let shared = self.shared.clone();
+        blocking(move || {
+            if let Some(align) = shared.direct_align() {
+                let mut buf = AlignedBuf::zeroed(len, align);
+                shared.file.read_exact_at(buf.as_mut_slice(), offset)?;
+                Ok(Bytes::from_owner(buf))
+            } else {
+                let mut buf = vec![0u8; len];
+                shared.file.read_exact_at(&mut buf, offset)?;
+                Ok(Bytes::from(buf))
+            }
+        })
+        .await
+    }
+
+    pub(crate) async fn write(
+        &self,
+        offset: u64,
+        data: Vec<Bytes>,
+        fua: bool,
+    ) -> Result<(), BackendError> {
+        let total: u64 = data.iter().map(|b| b.len() as u64).sum();
+        self.shared.check(offset, total, true)?;
+        if total == 0 && !fua {
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        blocking(move || {
+            match shared.direct_align() {
+                Some(align) if !is_aligned(&data, align) => {
+                    let bounce = AlignedBuf::copy_from(&data, align);
+                    shared.file.write_all_at(bounce.as_ref(), offset)?;
+                }
+                _ => {
+                    let mut pos = offset;
+                    for part in &data {
+                        shared.file.write_all_at(part, pos)?;
+                        pos += part.len() as u64;
+                    }
+                }
+            }
+            if fua {
+                shared.file.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub(crate) async fn flush(&self) -> Result<(), BackendError> {
+        if self.shared.read_only {
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        blocking(move || shared.file.sync_data()).await
+    }
+
+    pub(crate) async fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.shared.check(offset, len, true)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        blocking(move || {
+            if shared.punch_hole_supported() {
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                let res = sys::fallocate(&shared.file, mode, offset, len);
+                if shared.note_punch_hole(res)? {
+                    return Ok(());
+                }
+            }
+            zero_blocking(&shared, offset, len)
+        })
+        .await
+    }
+
+    pub(crate) async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.shared.check(offset, len, true)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        blocking(move || zero_blocking(&shared, offset, len)).await
+    }
+}
+
+/// Zeroes a range: `FALLOC_FL_ZERO_RANGE` when the filesystem has it, else plain writes.
+fn zero_blocking(shared: &FileShared, offset: u64, len: u64) -> io::Result<()> {
+    if shared.zero_range_supported() {
+        let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        let res = sys::fallocate(&shared.file, mode, offset, len);
+        if shared.note_zero_range(res)? {
+            return Ok(());
+        }
+    }
+    let zeroes = zero_chunk();
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let n = (end - pos).min(zeroes.len() as u64) as usize;
+        shared.file.write_all_at(&zeroes[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Whether every part can go to an O_DIRECT write as is (address and length aligned).
+pub(crate) fn is_aligned(parts: &[Bytes], align: usize) -> bool {
+    parts.iter().all(|p| {
+        aligned_to(p.as_ptr() as u64, align as u64) && aligned_to(p.len() as u64, align as u64)
+    })
+}
+
+/// `x` is a multiple of `align`, a power of two (block sizes are validated to be).
+fn aligned_to(x: u64, align: u64) -> bool {
+    debug_assert!(align.is_power_of_two());
+    x & (align - 1) == 0
+}
+
+/// Runs blocking file I/O on tokio's blocking pool.
+async fn blocking<T, F>(f: F) -> Result<T, BackendError>
+where
+    F: FnOnce() -> io::Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(res) => res.map_err(BackendError::Io),
+        Err(join) => Err(BackendError::Io(io::Error::other(format!(
+            "blocking I/O task failed: {join}"
+        )))),
+    }
+}

@@ -1,0 +1,204 @@
+//! The two things the file backends need that std does not offer: a heap buffer with a
+//! chosen alignment (O_DIRECT wants block-aligned memory) and `fallocate(2)` (discard and
+//! write-zeroes).
+//!
+//! This module and [`super::uring`] are the only places in `target-core` with `unsafe`.
+#![allow(unsafe_code)]
+
+use std::alloc::{self, Layout};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+
+use bytes::Bytes;
+
+/// Memory alignment used for O_DIRECT buffers: a page, which satisfies every logical block
+/// size up to 4 KiB and every DMA alignment we know of. Larger block sizes use their own size.
+pub(crate) const DIRECT_MEM_ALIGN: usize = 4096;
+
+/// An owned, fixed-capacity byte buffer whose start is aligned to `align` bytes.
+///
+/// Bytes `[0, len)` are initialized; `[len, capacity)` may not be. It hands out the
+/// initialized part only, so a read that failed halfway never exposes stale memory. A read
+/// buffer becomes a [`Bytes`] through [`Bytes::from_owner`] without a copy.
+pub(crate) struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    cap: usize,
+    layout: Layout,
+}
+
+// SAFETY: `AlignedBuf` uniquely owns its allocation (like `Vec<u8>`); nothing else points to
+// it, so moving it to another thread is sound.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only hands out `&[u8]` of the initialized part; mutation needs
+// `&mut self`.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// An empty buffer with room for `capacity` bytes, aligned to `align` (a power of two).
+    ///
+    /// # Panics
+    /// Aborts through [`alloc::handle_alloc_error`] when the allocation fails, like `Vec`.
+    pub(crate) fn with_capacity(capacity: usize, align: usize) -> AlignedBuf {
+        Self::alloc(capacity, align, false)
+    }
+
+    /// A buffer of `len` zero bytes, aligned to `align` (a power of two).
+    pub(crate) fn zeroed(len: usize, align: usize) -> AlignedBuf {
+        let mut buf = Self::alloc(len, align, true);
+        buf.len = len;
+        buf
+    }
+
+    /// The concatenation of `parts` in a fresh aligned buffer (the O_DIRECT bounce buffer).
+    pub(crate) fn copy_from(parts: &[Bytes], align: usize) -> AlignedBuf {
+        let total = parts.iter().map(Bytes::len).sum();
+        let mut buf = Self::with_capacity(total, align);
+        for part in parts {
+            buf.extend_from_slice(part);
+        }
+        buf
+    }
+
+    fn alloc(capacity: usize, align: usize, zero: bool) -> AlignedBuf {
+        // A zero-size layout cannot be allocated; the dangling pointer is never dereferenced
+        // because every access is bounded by `len` and `capacity`, both zero.
+        let layout = match Layout::from_size_align(capacity.max(1), align) {
+            Ok(layout) => layout,
+            Err(_) => panic!("AlignedBuf: invalid size {capacity} or alignment {align}"),
+        };
+        // SAFETY: `layout` has a non-zero size (at least 1 byte, see above).
+        let raw = unsafe {
+            if zero {
+                alloc::alloc_zeroed(layout)
+            } else {
+                alloc::alloc(layout)
+            }
+        };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        AlignedBuf {
+            ptr,
+            len: 0,
+            cap: capacity,
+            layout,
+        }
+    }
+
+    /// Appends `data`.
+    ///
+    /// # Panics
+    /// When `data` does not fit in the remaining capacity (a bug in the caller).
+    pub(crate) fn extend_from_slice(&mut self, data: &[u8]) {
+        assert!(
+            data.len() <= self.capacity() - self.len,
+            "AlignedBuf overflow"
+        );
+        // SAFETY: the destination `[len, len + data.len())` lies inside the allocation (checked
+        // above), `data` cannot overlap a buffer we uniquely own, and u8 has no alignment needs.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.ptr.as_ptr().add(self.len),
+                data.len(),
+            );
+        }
+        self.len += data.len();
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// The start of the allocation, for the kernel to fill.
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The initialized bytes, mutable.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `[0, len)` is initialized and inside the allocation; `&mut self` makes the
+        // borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Marks the first `len` bytes as initialized.
+    ///
+    /// # Safety
+    /// `len <= self.capacity()` and bytes `[0, len)` have been written (by the kernel, say).
+    pub(crate) unsafe fn set_len(&mut self, len: usize) {
+        debug_assert!(len <= self.capacity());
+        self.len = len;
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `[0, len)` is initialized and inside the allocation, which lives as long as
+        // `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `alloc`/`alloc_zeroed` with exactly `self.layout`.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .field("capacity", &self.capacity())
+            .field("align", &self.layout.align())
+            .finish()
+    }
+}
+
+/// `fallocate(2)` on `file`, retried on EINTR.
+pub(crate) fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "fallocate range beyond i64");
+    let offset = libc::off_t::try_from(offset).map_err(|_| too_big())?;
+    let len = libc::off_t::try_from(len).map_err(|_| too_big())?;
+    loop {
+        // SAFETY: a plain syscall on a descriptor that `file` keeps open for the call; it
+        // takes no pointers.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buf_is_aligned_and_bounded() {
+        let mut b = AlignedBuf::with_capacity(10_000, 4096);
+        assert_eq!(b.as_mut_ptr() as usize & 4095, 0);
+        assert!(b.as_ref().is_empty());
+        b.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(b.as_ref(), &[1, 2, 3]);
+        let z = AlignedBuf::zeroed(8192, 4096);
+        assert!(z.as_ref().iter().all(|&x| x == 0));
+        let parts = [Bytes::from_static(b"ab"), Bytes::from_static(b"cde")];
+        let c = AlignedBuf::copy_from(&parts, 512);
+        assert_eq!(c.as_ref(), b"abcde");
+        let e = AlignedBuf::zeroed(0, 4096);
+        assert_eq!(e.capacity(), 0);
+        assert!(e.as_ref().is_empty());
+        let bytes = Bytes::from_owner(c);
+        assert_eq!(&bytes[..], b"abcde");
+    }
+}
