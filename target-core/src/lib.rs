@@ -4,7 +4,9 @@
 //!
 //! # Layout
 //! - [`config`]: the desired state (targets, LUNs, ACLs, CHAP accounts) callers apply.
+//! - [`scsi`]: SCSI device emulation of a block logical unit (SPC-4, SBC-3).
 #![deny(unused_must_use)]
 
 pub mod config;
 pub mod lun;
+pub mod scsi;
