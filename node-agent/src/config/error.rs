@@ -25,7 +25,7 @@ pub enum ConfigError {
         source: serde_yaml::Error,
     },
     /// One or more objects are invalid. Nothing is applied.
-    #[error("{origin}: {} invalid:\n{}", plural(errors.len()), ErrorList(errors))]
+    #[error("{origin}: invalid configuration ({}):\n{}", plural(errors.len()), ErrorList(errors))]
     Invalid {
         origin: String,
         errors: Vec<ObjectError>,

@@ -189,15 +189,20 @@ pub fn desired_state_for_node(objects: &Objects, node: Option<&str>) -> Resolved
         };
         let config = target_config(target, &secrets, &err, &mut target_errors);
 
-        if let Some(config) = &config {
-            if let Some(other) = iqn_owners.get(config.iqn.as_str()) {
-                target_errors.push(err(
-                    "spec.iqn",
-                    Problem::DuplicateIqn {
-                        iqn: config.iqn.clone(),
-                        other: (*other).to_owned(),
-                    },
-                ));
+        // The first Target to claim an IQN keeps it even while it is itself invalid, so that a
+        // later duplicate never takes over a name initiators already use. iSCSI names are
+        // case-insensitive (eui./naa. hex digits may be written in either case).
+        let iqn_key = target.spec.iqn.to_lowercase();
+        match iqn_owners.get(iqn_key.as_str()) {
+            Some(other) => target_errors.push(err(
+                "spec.iqn",
+                Problem::DuplicateIqn {
+                    iqn: target.spec.iqn.clone(),
+                    other: (*other).to_owned(),
+                },
+            )),
+            None => {
+                iqn_owners.insert(iqn_key, name);
             }
         }
 
@@ -218,7 +223,6 @@ pub fn desired_state_for_node(objects: &Objects, node: Option<&str>) -> Resolved
         match config {
             Some(mut config) if target_errors.is_empty() => {
                 config.acl = acl.into_acl();
-                iqn_owners.insert(config.iqn.clone(), name);
                 state.targets.insert(config.iqn.clone(), config);
             }
             _ => {

@@ -261,6 +261,31 @@ fn duplicate_iqn_across_targets() {
     );
 }
 
+#[test]
+fn duplicate_iqn_first_claim_wins_even_when_broken() {
+    // Cluster mode: the older Target "a" is broken; the newer duplicate must not take over
+    // its IQN (initiators would reach b's LUNs under a's name).
+    let yaml = format!(
+        "{}{}{}{}",
+        target_luns("a", "  - lun: 1\n    backingStore: /a\n    blockSize: 1\n")
+            .replace("iqn.2026-11.io.ktgt:a", "iqn.2026-11.io.ktgt:same"),
+        target("b", "iqn.2026-11.io.ktgt:same", ""),
+        target("c", "eui.02004567A425678D", ""),
+        target("d", "eui.02004567a425678d", ""),
+    );
+    let resolved = desired_state_for_node(&objects(&yaml), None);
+    assert_eq!(
+        resolved.state.targets.keys().collect::<Vec<_>>(),
+        vec!["eui.02004567A425678D"]
+    );
+    assert_eq!(
+        resolved.failed_targets.iter().collect::<Vec<_>>(),
+        vec!["a", "b", "d"]
+    );
+    let d = resolved.errors.iter().find(|e| e.name == "d").unwrap();
+    assert_eq!(d.problem.reason(), "DuplicateIqn");
+}
+
 // ---------------------------------------------------------------------------------------------
 // LUN errors
 
@@ -400,6 +425,14 @@ fn several_errors_are_all_reported() {
     assert!(list[0].contains("spec.luns[0].blockSize"));
     assert!(list[1].contains("spec.luns[1].backingStore"));
     assert!(list[2].contains("spec.luns[1].lun"));
+    let text = parse_str(&yaml, "test.yaml").unwrap_err().to_string();
+    assert!(
+        text.starts_with(
+            "test.yaml: invalid configuration (3 problems):\n  \
+             document 1: Target \"disk1\": spec.luns[0].blockSize: "
+        ),
+        "{text}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
