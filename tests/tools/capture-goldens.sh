@@ -86,7 +86,7 @@ head -c 32768 /dev/urandom >"$work/32k.raw"
 # libiscsi
 capture libiscsi ls-discovery $P1 iscsi-ls -i "$INIT" -s "$U1"
 capture libiscsi inq-standard $P1 iscsi-inq -i "$INIT" "$U1/$PLAIN/1"
-capture libiscsi inq-vpd83 $P1 iscsi-inq -i "$INIT" -e 1 -c 0x83 "$U1/$PLAIN/1"
+capture libiscsi inq-vpd83 $P1 iscsi-inq -i "$INIT" -e 1 -c 131 "$U1/$PLAIN/1"
 capture libiscsi readcapacity16 $P1 iscsi-readcapacity16 -i "$INIT" "$U1/$PLAIN/1"
 capture libiscsi read10-simple $P1 iscsi-test-cu -i "$INIT" -t ALL.Read10.Simple "$U1/$PLAIN/1"
 MAXB=65536 capture libiscsi qemu-write-32k $P1 "$here/peer/qemu-img.sh" convert -n -f raw -O raw "$work/32k.raw" "$U1/$PLAIN/1"
