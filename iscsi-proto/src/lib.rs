@@ -12,11 +12,13 @@
 //! - [`text`]: key=value text, multi-PDU assembly, value encodings.
 //! - [`negotiate`]: operational key negotiation and the resulting session parameters.
 //! - [`chap`]: CHAP (RFC 1994) algorithms, secrets and challenges.
+//! - [`login`]: the target side of login as a state machine.
 #![forbid(unsafe_code)]
 #![deny(unused_must_use)]
 
 pub mod chap;
 pub mod codec;
+pub mod login;
 pub mod negotiate;
 pub mod pdu;
 pub mod text;
@@ -24,3 +26,9 @@ pub mod types;
 
 pub use codec::{Codec, ConnectionAction, DecodeError};
 pub use pdu::{Header, Pdu};
+
+/// Hooks for fuzz targets. Not a stable interface.
+#[doc(hidden)]
+pub mod internal {
+    pub use crate::login::fuzz_login;
+}
