@@ -167,6 +167,28 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens the store a [`LunConfig`](crate::config::LunConfig) describes: a RAM store for
+    /// `Backing::Memory`, else [`Store::open`] with the LUN's path, flags and block size.
+    ///
+    /// # Errors
+    /// As [`Store::open`]; for memory, [`BackendError::OutOfRange`] when the size does not fit.
+    pub fn from_lun_config(
+        lun: &crate::config::LunConfig,
+        engine: Engine,
+    ) -> Result<Store, BackendError> {
+        match &lun.backing {
+            crate::config::Backing::Memory { size } => Ok(Store::Memory(MemStore::new(*size)?)),
+            crate::config::Backing::Path(path) => Store::open(&StoreConfig {
+                path: path.clone(),
+                direct: lun.direct,
+                read_only: lun.read_only,
+                create_size: lun.create_size,
+                block_size: lun.block_size,
+                engine,
+            }),
+        }
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         match self {

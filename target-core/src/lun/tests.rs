@@ -652,3 +652,109 @@ fn cancelled_operations_and_dropped_store_are_safe() {
         });
     }
 }
+
+#[test]
+fn uring_driver_exits_after_last_clone_is_dropped() {
+    let Ok(()) = uring_available().map_err(|r| eprintln!("skipping: {r}")) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let cfg = config(&dir.path().join("exit.img"), Engine::Uring, false);
+    let Store::Uring(store) = Store::open(&cfg).unwrap() else {
+        panic!("Engine::Uring gave another backend");
+    };
+    let file = store.file_weak();
+    let clone = Store::Uring(store.clone());
+    rt.block_on(async {
+        clone
+            .write(0, vec![Bytes::from(vec![1u8; 4096])], false)
+            .await
+            .unwrap();
+        // Leave some operations in flight, abandoned by their callers.
+        for _ in 0..16 {
+            let _ = tokio::time::timeout(Duration::ZERO, clone.read(0, 4096)).await;
+        }
+    });
+    drop(clone);
+    assert!(file.upgrade().is_some(), "one clone is still alive");
+    drop(store);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while file.upgrade().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "driver thread did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Rough throughput numbers, not a benchmark suite (that is `benches/`). Run with
+/// `cargo test --release -p target-core lun::tests::throughput -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing only; run by hand in release mode"]
+fn throughput() {
+    const FILE: u64 = 256 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    for variant in variants() {
+        let path = dir.path().join(variant.name);
+        let mut cfg = config(&path, variant.engine, variant.direct);
+        cfg.create_size = Some(FILE);
+        let store = Store::open(&cfg).unwrap();
+        rt.block_on(async {
+            // Fill so reads hit allocated blocks.
+            let chunk = Bytes::from(vec![0xa5u8; 1 << 20]);
+            for off in (0..FILE).step_by(1 << 20) {
+                store.write(off, vec![chunk.clone()], false).await.unwrap();
+            }
+            store.flush().await.unwrap();
+            for (label, len, seq) in [("4k-rand", 4096usize, false), ("128k-seq", 128 << 10, true)]
+            {
+                for qd in [1usize, 32] {
+                    for write in [false, true] {
+                        let ops = if len == 4096 { 20_000 } else { 4_000 };
+                        let start = std::time::Instant::now();
+                        let mut set = tokio::task::JoinSet::new();
+                        for w in 0..qd {
+                            let store = store.clone();
+                            let data = Bytes::from(vec![w as u8; len]);
+                            set.spawn(async move {
+                                let mut x = (w as u64 + 1) * 0x9e37_79b9_7f4a_7c15;
+                                let slots = FILE / len as u64;
+                                for i in 0..ops / qd {
+                                    x ^= x << 13;
+                                    x ^= x >> 7;
+                                    x ^= x << 17;
+                                    let slot = if seq {
+                                        (w * (ops / qd) + i) as u64 % slots
+                                    } else {
+                                        x % slots
+                                    };
+                                    let off = slot * len as u64;
+                                    if write {
+                                        store.write(off, vec![data.clone()], false).await.unwrap();
+                                    } else {
+                                        store.read(off, len).await.unwrap();
+                                    }
+                                }
+                            });
+                        }
+                        set.join_all().await;
+                        let secs = start.elapsed().as_secs_f64();
+                        let done = (ops / qd * qd) as f64;
+                        println!(
+                            "{:<18} {:<8} {:<5} qd{:<2} {:>9.0} IOPS {:>8.1} MiB/s",
+                            variant.name,
+                            label,
+                            if write { "write" } else { "read" },
+                            qd,
+                            done / secs,
+                            done * len as f64 / secs / (1 << 20) as f64
+                        );
+                    }
+                }
+            }
+        });
+    }
+}

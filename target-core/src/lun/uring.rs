@@ -349,6 +349,12 @@ impl UringStore {
         &self.handle.shared
     }
 
+    /// Lets tests observe when the driver thread has let go of the file.
+    #[cfg(test)]
+    pub(crate) fn file_weak(&self) -> std::sync::Weak<FileShared> {
+        Arc::downgrade(&self.handle.shared)
+    }
+
     fn submit(&self, req: Request) -> Result<(), BackendError> {
         self.handle.tx.send(req).map_err(|_| driver_gone())?;
         // Pairs with the fence in `Driver::run`: either the driver sees our request before it
