@@ -45,6 +45,7 @@ pub mod op {
 
     /// SERVICE ACTION IN(16) service actions (SBC-3 §5.16, §5.17).
     pub const SA_READ_CAPACITY_16: u8 = 0x10;
+    pub const SA_GET_LBA_STATUS: u8 = 0x12;
     /// MAINTENANCE IN service action REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35).
     pub const SA_REPORT_SUPPORTED_OPCODES: u8 = 0x0C;
 }

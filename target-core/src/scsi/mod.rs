@@ -270,7 +270,7 @@ impl LogicalUnit {
             op::PREVENT_ALLOW_MEDIUM_REMOVAL => spc::prevent_allow(cdb),
             op::MAINTENANCE_IN => opcodes::maintenance_in(cdb),
             op::READ_CAPACITY_10 => self.read_capacity_10(cdb),
-            op::SERVICE_ACTION_IN_16 => self.service_action_in_16(cdb),
+            op::SERVICE_ACTION_IN_16 => self.service_action_in_16(cdb).await,
             op::WRITE_AND_VERIFY_10 | op::WRITE_AND_VERIFY_12 | op::WRITE_AND_VERIFY_16 => {
                 self.write(cdb, data, true).await.map(|()| Bytes::new())
             }

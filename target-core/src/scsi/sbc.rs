@@ -193,8 +193,8 @@ impl LogicalUnit {
             // SBC-3 §5.40 WRITE AND VERIFY(10) BYTCHK=1 compares the written data; not offered.
             return Err(ScsiError::cdb_bit(1, 1));
         }
-        // SBC-3 §4.12? / SPC-4 §5.? : writes to a write-protected LU end in DATA PROTECT,
-        // WRITE PROTECTED.
+        // SBC-3 §6.4.1: the WP bit we report in MODE SENSE "set to one specifies that the
+        // medium is write-protected"; writes end in DATA PROTECT, WRITE PROTECTED (27h/00h).
         if self.read_only {
             return Err(ScsiError::WriteProtected);
         }
@@ -306,12 +306,55 @@ impl LogicalUnit {
         Ok(Bytes::copy_from_slice(&d))
     }
 
-    /// SERVICE ACTION IN(16): READ CAPACITY(16) only.
-    pub(crate) fn service_action_in_16(&self, cdb: &[u8]) -> Result<Bytes, ScsiError> {
+    /// SERVICE ACTION IN(16): READ CAPACITY(16) and, for a thin-provisioned LU, GET LBA
+    /// STATUS.
+    pub(crate) async fn service_action_in_16(&self, cdb: &[u8]) -> Result<Bytes, ScsiError> {
         let c = cdb::fixed::<16>(cdb)?;
-        if c[1] & 0x1F != op::SA_READ_CAPACITY_16 {
-            return Err(ScsiError::cdb_bit(1, 4));
+        match c[1] & 0x1F {
+            op::SA_READ_CAPACITY_16 => self.read_capacity_16(c),
+            op::SA_GET_LBA_STATUS if self.store.supports_discard() => self.get_lba_status(c).await,
+            _ => Err(ScsiError::cdb_bit(1, 4)),
         }
+    }
+
+    /// GET LBA STATUS (SBC-3 §5.7): one descriptor for the run of blocks from the starting
+    /// LBA that share a state. Blocks that read as zero are reported deallocated: with LBPRZ=1
+    /// a deallocated block reads as zero, so the answer cannot contradict a later read. The
+    /// scan is bounded (1 MiB) to keep the command cheap.
+    async fn get_lba_status(&self, c: &[u8; 16]) -> Result<Bytes, ScsiError> {
+        let lba = be64([c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]]);
+        let alloc = be32([c[10], c[11], c[12], c[13]]) as usize;
+        // SBC-3 §5.7: "If the STARTING LOGICAL BLOCK ADDRESS field is greater than the
+        // logical block address of the last logical block on the logical unit, then the device
+        // server shall terminate the command ... LOGICAL BLOCK ADDRESS OUT OF RANGE."
+        if lba >= self.num_blocks {
+            return Err(ScsiError::LbaOutOfRange);
+        }
+        const SCAN: u64 = 1 << 20;
+        let scan = (self.num_blocks - lba).min(SCAN >> self.block_shift);
+        let (off, len) = self.byte_range(lba, scan)?;
+        let data = self
+            .store
+            .read(off, len)
+            .await
+            .map_err(ScsiError::from_read)?;
+        let bs = self.block_size as usize;
+        let is_zero = |b: &[u8]| b.iter().all(|&x| x == 0);
+        let mut blocks = data.chunks(bs);
+        let first_zero = blocks.next().is_some_and(is_zero);
+        let run = 1 + blocks.take_while(|b| is_zero(b) == first_zero).count();
+        let mut d = [0u8; 24];
+        // PARAMETER DATA LENGTH: n - 3 of the 4-byte field, i.e. 20 for one descriptor.
+        d[..4].copy_from_slice(&20u32.to_be_bytes());
+        d[8..16].copy_from_slice(&lba.to_be_bytes());
+        d[16..20].copy_from_slice(&(run as u32).to_be_bytes());
+        // PROVISIONING STATUS: 0h mapped, 1h deallocated.
+        d[20] = u8::from(first_zero);
+        Ok(Bytes::copy_from_slice(&d[..alloc.min(d.len())]))
+    }
+
+    /// READ CAPACITY(16) (SBC-3 §5.16).
+    fn read_capacity_16(&self, c: &[u8; 16]) -> Result<Bytes, ScsiError> {
         let alloc = be32([c[10], c[11], c[12], c[13]]) as usize;
         let mut d = [0u8; 32];
         d[..8].copy_from_slice(&(self.num_blocks - 1).to_be_bytes());
@@ -331,6 +374,11 @@ impl LogicalUnit {
         let rw = RwCdb::parse(cdb)?;
         rw.check_no_protect()?;
         let unmap = rw.flags & 0x08 != 0;
+        // With LBPWS/LBPWS10 zero (a store that cannot deallocate), UNMAP=1 is refused as
+        // libiscsi expects (SBC-3 §5.45: the UNMAP bit requests deallocation).
+        if unmap && !self.store.supports_discard() {
+            return Err(ScsiError::cdb_bit(1, 3));
+        }
         let ndob = is16 && rw.flags & 0x01 != 0;
         // SBC-3 §5.45: "If the ANCHOR bit is set to one and the ANC_SUP bit in the Logical
         // Block Provisioning VPD page is set to zero, then the device server shall terminate

@@ -52,7 +52,7 @@ fn standard_inquiry(
     d[8..16].copy_from_slice(vendor);
     d[16..32].copy_from_slice(product);
     d[32..36].copy_from_slice(rev);
-    // VERSION DESCRIPTORS (SPC-4 table E.?): SAM-5, iSCSI, SPC-4, SBC-3.
+    // VERSION DESCRIPTORS (SPC-4 §6.4.2, codes from Annex E): SAM-5, iSCSI, SPC-4, SBC-3.
     for (i, v) in [0x00A0u16, 0x0960, 0x0460, 0x04C0].iter().enumerate() {
         d[58 + 2 * i..60 + 2 * i].copy_from_slice(&v.to_be_bytes());
     }
@@ -147,7 +147,7 @@ impl LogicalUnit {
         // (target port), type 4.
         designator(d, 0x51, 0x80 | 0x10 | 0x04, &[0, 0, 0, 1]);
         // SCSI name string of the target port (iSCSI: "<name>,t,0x<TPGT>"; SPC-4 §7.8.6.11,
-        // RFC 7143 §13.? ), code set 3 (UTF-8), PIV, association 1, type 8.
+        // the iSCSI target port name of RFC 7143), code set 3 (UTF-8), PIV, association 1, type 8.
         let port = format!("{},t,0x0001", id.target_iqn);
         designator(d, 0x53, 0x80 | 0x10 | 0x08, &scsi_name(&port));
         // SCSI name string of the target device: association 2.
@@ -394,8 +394,9 @@ impl LogicalUnit {
         }
         if let Some(w) = new_wce {
             if self.wce.swap(w, Ordering::AcqRel) != w {
-                // SPC-4 §5.?: changed mode parameters establish MODE PARAMETERS CHANGED for
-                // the other I_T nexuses.
+                // SPC-4 §6.9: when mode parameters change, "the device server shall establish a
+                // unit attention condition ... for every I_T nexus except the I_T nexus on which
+                // the MODE SELECT command was received" (MODE PARAMETERS CHANGED).
                 self.raise_unit_attention(UnitAttention::ModeParametersChanged, Some(nexus));
             }
         }

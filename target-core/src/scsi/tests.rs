@@ -571,8 +571,34 @@ async fn read_capacity() {
     assert_eq!(r.data_in[14], 0xC0, "LBPME and LBPRZ");
     c[13] = 8;
     assert_eq!(run(&lu, &c, &[]).await.data_in.len(), 8);
-    c[1] = 0x12;
+    c[1] = 0x11;
     invalid_cdb(&run(&lu, &c, &[]).await);
+}
+
+#[tokio::test]
+async fn get_lba_status() {
+    let lu = lu();
+    good(&run(&lu, &rw10(0x2A, 0, 10, 3), &[1; 1536]).await);
+    let mut c = [0u8; 16];
+    c[0] = 0x9E;
+    c[1] = 0x12;
+    c[13] = 24;
+    let r = run(&lu, &c, &[]).await;
+    good(&r);
+    assert_eq!(&r.data_in[..4], &[0, 0, 0, 20]);
+    assert_eq!(
+        &r.data_in[8..24],
+        &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10, 1, 0, 0, 0]
+    );
+    c[2..10].copy_from_slice(&10u64.to_be_bytes());
+    let r = run(&lu, &c, &[]).await;
+    assert_eq!(&r.data_in[16..21], &[0, 0, 0, 3, 0]);
+    c[2..10].copy_from_slice(&1023u64.to_be_bytes());
+    assert_eq!(&run(&lu, &c, &[]).await.data_in[16..21], &[0, 0, 0, 1, 1]);
+    c[2..10].copy_from_slice(&1024u64.to_be_bytes());
+    oob(&run(&lu, &c, &[]).await);
+    c[2..10].copy_from_slice(&u64::MAX.to_be_bytes());
+    oob(&run(&lu, &c, &[]).await);
 }
 
 #[tokio::test]
@@ -858,7 +884,7 @@ async fn report_supported_operation_codes() {
     let r = run(&lu, &rsoc(1, false, 0xC5, 0), &[]).await;
     good(&r);
     assert_eq!(r.data_in[1] & 0x07, 1);
-    let r = run(&lu, &rsoc(2, false, 0x9E, 0x12), &[]).await;
+    let r = run(&lu, &rsoc(2, false, 0x9E, 0x13), &[]).await;
     assert_eq!(r.data_in[1] & 0x07, 1);
     invalid_cdb(&run(&lu, &rsoc(3, false, 0x28, 0), &[]).await);
     // Unsupported MAINTENANCE IN service action.
