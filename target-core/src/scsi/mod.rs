@@ -12,6 +12,11 @@
 //!   [`LogicalUnit::data_out_length`] (writes).
 //! - Sense formatting on the wire: [`Sense::to_fixed`] (D_SENSE is always zero here).
 //!
+//! # Not implemented (INVALID COMMAND OPERATION CODE, so libiscsi skips)
+//! PERSISTENT RESERVE IN/OUT, RESERVE/RELEASE(6/10), ORWRITE, XDWRITE*, WRITE ATOMIC,
+//! EXTENDED COPY, SANITIZE, READ DEFECT DATA, LOG SENSE. No protection information, no ALUA
+//! (TPGS 00b), D_SENSE fixed at zero, no saved mode pages.
+//!
 //! # Layout
 //! - [`sense`]: status codes, [`Sense`], [`ScsiError`], [`UnitAttention`].
 //! - `cdb`: operation codes and CDB field helpers.
@@ -346,6 +351,9 @@ impl LogicalUnit {
 
     /// A new I_T nexus logged in: it starts with POWER ON, RESET, OR BUS DEVICE RESET
     /// OCCURRED (29h/00h) pending (SAM-5 §5.14: established for each I_T nexus).
+    ///
+    /// Unit attentions are only kept for nexuses registered here: a session that never calls
+    /// it sees none. Call [`LogicalUnit::remove_nexus`] when the session ends.
     pub fn add_nexus(&self, nexus: u64) {
         let mut st = self.lock();
         st.ua
