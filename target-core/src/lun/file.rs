@@ -120,6 +120,17 @@ impl FileShared {
                 "size {size} is not a multiple of the block size {bs}"
             )));
         }
+        if cfg.direct {
+            // O_DIRECT needs I/O aligned to the device's logical block size; a LUN block size
+            // below it would fail every request with EINVAL. One read at open finds out.
+            let mut probe = AlignedBuf::zeroed(bs as usize, DIRECT_MEM_ALIGN.max(bs as usize));
+            if let Err(e) = file.read_exact_at(probe.as_mut_slice(), 0) {
+                return Err(invalid(format!(
+                    "O_DIRECT read of one {bs}-byte block failed ({e}); is the block size \
+                     smaller than the device's logical block size?"
+                )));
+            }
+        }
         Ok(FileShared {
             file,
             path: path.clone(),
