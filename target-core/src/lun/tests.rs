@@ -758,3 +758,92 @@ fn throughput() {
         });
     }
 }
+
+/// Detaches a loop device when dropped.
+struct LoopDevice(std::path::PathBuf);
+
+impl LoopDevice {
+    /// Attaches `file` with `losetup`, or `None` (printing why) when that is not possible.
+    fn attach(file: &Path) -> Option<LoopDevice> {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output();
+        match out {
+            Ok(out) if out.status.success() => {
+                let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                Some(LoopDevice(dev.into()))
+            }
+            Ok(out) => {
+                let err = String::from_utf8_lossy(&out.stderr);
+                eprintln!("skipping: losetup failed: {}", err.trim());
+                None
+            }
+            Err(e) => {
+                eprintln!("skipping: cannot run losetup: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn block_device_backing_through_a_loop_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("loop.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let Some(dev) = LoopDevice::attach(&image) else {
+        return;
+    };
+    let rt = runtime();
+    for variant in variants() {
+        let cfg = StoreConfig {
+            create_size: None,
+            ..config(&dev.0, variant.engine, variant.direct)
+        };
+        let store = Store::open(&cfg).unwrap_or_else(|e| panic!("{}: {e}", variant.name));
+        assert_eq!(store.size(), SIZE, "{}", variant.name);
+        rt.block_on(async {
+            let bs = u64::from(BS);
+            let data = pattern(11, 4 * BS as usize);
+            let parts = split(&data, &[100, 5000], false);
+            store.write(bs, parts, true).await.unwrap();
+            assert!(
+                store.read(bs, data.len()).await.unwrap() == data,
+                "{}",
+                variant.name
+            );
+            store.discard(bs, bs).await.unwrap();
+            store.write_zeroes(2 * bs, bs).await.unwrap();
+            store.flush().await.unwrap();
+            let got = store.read(bs, data.len()).await.unwrap();
+            assert!(
+                got[..2 * BS as usize].iter().all(|&b| b == 0),
+                "{}",
+                variant.name
+            );
+            assert!(
+                got[2 * BS as usize..] == data[2 * BS as usize..],
+                "{}",
+                variant.name
+            );
+            let res = store.read(SIZE - bs, 2 * BS as usize).await;
+            assert!(
+                matches!(res, Err(BackendError::OutOfRange { .. })),
+                "{res:?}"
+            );
+        });
+    }
+}
