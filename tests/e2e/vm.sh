@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Cases: vm-fs, vm-raw, vm-discovery, vm-loginfail, vm-fs-chap, vm-fs-digests.
+# The Linux initiator (open-iscsi iscsiadm/iscsid + kernel iscsi_tcp) in the initiator VM
+# (tests/tools/initiator-vm; build it with tests/setup.sh). Workloads: see its README.
+# t1: plain target, LUN 1 of 256 MiB; t2: CHAP target, LUN 1 of 128 MiB.
+. "$(dirname "$0")/lib.sh"
+e2e_cases vm-fs vm-raw vm-discovery vm-loginfail vm-fs-chap vm-fs-digests || exit 0
+VM=$TOOLS/initiator-vm
+[ -s "$VM/out/vmlinuz" ] && [ -s "$VM/out/initramfs.cpio.gz" ] || { fail_all "initiator VM not built (tests/setup.sh)"; exit 0; }
+CHAP_USER=e2evmuser CHAP_SECRET=e2evmsecret12
+cfg_target t1 iqn.2026-11.io.ktgt.e2e:vm
+cfg_lun t1 1 256Mi
+cfg_target t2 iqn.2026-11.io.ktgt.e2e:vmchap
+cfg_lun t2 1 128Mi
+cfg_chap t2 $CHAP_USER $CHAP_SECRET
+target_start || exit 0
+
+# vm NAME TARGET ARGS...: one run.sh workload; PASS if the guest reports PASS
+vm() {
+  local name=$1 t=$2; shift 2
+  e2e_want "$name" || return 0
+  local out=$WORK/$name.out
+  run 300 "$VM/run.sh" --portal "127.0.0.1:$PORT" --iqn "${CFG_IQN[$t]}" --lun 1 --timeout 240 \
+    --log "$WORK/$name.console" "$@" >"$out" 2>&1
+  local rc=$? secs; secs=$(sed -n 's/.* in \([0-9.]*\)s .*/\1/p' "$out" | tail -n 1)
+  if [ $rc = 0 ] && [ -n "${EXPECT:-}" ] && ! grep -aq "$EXPECT" "$WORK/$name.console"; then
+    fail "$name" "guest passed, but its console lacks '$EXPECT'" "$out"
+  elif [ $rc = 0 ]; then pass "$name"; echo "# $name: ${secs}s" >&2
+  else
+    local why; why=$(grep -a -m1 '^ITEST FAIL' "$out" | sed 's/^ITEST FAIL //')
+    fail "$name" "run.sh exit $rc${why:+: $why}" "$out"
+  fi
+  target_alive || { fail "$name" "the target died" "$LOG"; }
+}
+CHAPOK=(--chap-user $CHAP_USER --chap-secret $CHAP_SECRET)
+DIGESTS=(--set 'node.conn[0].iscsi.HeaderDigest=CRC32C' --set 'node.conn[0].iscsi.DataDigest=CRC32C')
+vm vm-discovery t1 --workload discovery
+vm vm-raw t1 --workload raw
+vm vm-fs t1 --workload fs
+vm vm-loginfail t2 --workload loginfail --chap-user $CHAP_USER --chap-secret wrongsecret99
+vm vm-fs-chap t2 --workload fs "${CHAPOK[@]}"
+# the negotiated parameters the guest prints must show both digests
+EXPECT='DataDigest: CRC32C' vm vm-fs-digests t1 --workload fs "${DIGESTS[@]}"
+exit 0
