@@ -49,3 +49,4 @@ if e2e_want qemu-img-roundtrip; then   # 8 MiB of random data written through QE
     if [ "$a" = "$b" ]; then pass qemu-img-roundtrip; else fail qemu-img-roundtrip "sha256 differs: wrote $a, read $b"; fi
   fi
 fi
+exit 0

@@ -42,3 +42,4 @@ if e2e_want reload-lun-remove; then
   else pass reload-lun-remove; fi
 fi
 stop_perf
+exit 0
