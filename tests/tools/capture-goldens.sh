@@ -5,7 +5,8 @@
 # every TCP connection into OUTDIR/<client>/<scenario>-c<N>.{initiator,target}.bin plus
 # OUTDIR/index.tsv (default OUTDIR: iscsi-proto/testdata). Rerunning replaces the files
 # (the bytes differ every run: ISIDs, CHAP challenges, random data). Env: MAX_BYTES (cut each
-# stream at a PDU boundary at or below this, default 24576; 65536 for the write scenarios), ONLY=pattern (scenarios to run).
+# stream at a PDU boundary at or below this, default 24576; 65536 for the write scenarios), ONLY=pattern (scenarios to run), MUTUAL=1 (also the
+# mutual CHAP scenario).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -22,6 +23,7 @@ done
 P1=3261 C1=11 P2=3263 C2=12
 PLAIN=iqn.2026-11.lab.golden:plain CHAPT=iqn.2026-11.lab.golden:chap
 CHAP_USER=goldenuser CHAP_SECRET=goldensecret12
+CHAP_USER_IN=goldentarget CHAP_SECRET_IN=goldentgtsecret34   # mutual CHAP: the target's account
 INIT=iqn.2026-11.lab.golden:initiator    # libiscsi tools' initiator name
 work=$(mktemp -d)
 pids=()
@@ -57,6 +59,9 @@ start_tgtd() { # port ctrl iqn [chap]
   else
     $a --op new --mode account --user "${chap%%:*}" --password "${chap#*:}"
     $a --op bind --mode account --tid 1 --user "${chap%%:*}"
+    # the target's own account, for initiators that ask for mutual CHAP
+    $a --op new --mode account --user "$CHAP_USER_IN" --password "$CHAP_SECRET_IN"
+    $a --op bind --mode account --tid 1 --user "$CHAP_USER_IN" --outgoing
   fi
 }
 start_tgtd $P1 $C1 $PLAIN
@@ -99,6 +104,10 @@ digests=(--set 'node.conn[0].iscsi.HeaderDigest=CRC32C' --set 'node.conn[0].iscs
 capture open-iscsi login $P1 "$vm" --portal 127.0.0.1:$P1 --iqn $PLAIN --lun 1 --workload login
 capture open-iscsi login-chap $P2 "$vm" --portal 127.0.0.1:$P2 --iqn $CHAPT --lun 1 --workload login \
   --chap-user $CHAP_USER --chap-secret $CHAP_SECRET
+# mutual CHAP: opt-in (MUTUAL=1) until iscsi-proto's replay test (login.rs,
+# replay_captured_initiator_logins) knows the target account goldentarget/goldentgtsecret34
+[ "${MUTUAL:-0}" = 1 ] && capture open-iscsi login-chap-mutual $P2 "$vm" --portal 127.0.0.1:$P2 --iqn $CHAPT --lun 1 --workload login \
+  --chap-user $CHAP_USER --chap-secret $CHAP_SECRET --chap-user-in $CHAP_USER_IN --chap-secret-in $CHAP_SECRET_IN
 capture open-iscsi loginfail-chap $P2 "$vm" --portal 127.0.0.1:$P2 --iqn $CHAPT --lun 1 --workload loginfail \
   --chap-user $CHAP_USER --chap-secret wrongsecret99
 capture open-iscsi login-digests $P1 "$vm" --portal 127.0.0.1:$P1 --iqn $PLAIN --lun 1 --workload login "${digests[@]}"
