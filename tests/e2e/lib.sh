@@ -147,7 +147,7 @@ target_start() {
 target_reload() {
   case $E2E_TARGET in
     ktgt) render_yaml >"$WORK/config.yaml.new" && mv "$WORK/config.yaml.new" "$WORK/config.yaml" &&
-          kill -HUP "$TARGET_PID" && sleep "${E2E_RELOAD_WAIT:-2}" ;;
+          kill -HUP "$TARGET_PID" && sleep "${E2E_RELOAD_WAIT:-0.5}" ;;
     tgtd) tgtd_apply ;;
   esac
 }

@@ -24,16 +24,18 @@ stop_perf() { kill -INT $perf 2>/dev/null; for _ in $(seq 50); do kill -0 $perf 
               kill -KILL $perf 2>/dev/null; wait $perf 2>/dev/null; }
 sleep 1
 
+# poll_luns CONDITION: REPORT LUNS until CONDITION (on $l) holds, at most 10 s after the reload
+poll_luns() { local i; for i in $(seq 20); do l=$(luns); eval "$1" && break; sleep 0.5; done; echo "$l"; }
 cfg_lun t1 2 32Mi
 target_reload
-after_add=$(luns)
+after_add=$(poll_luns 'has "$l" 2')
 if has "$after_add" 1 && has "$after_add" 2; then pass reload-lun-add
 else cp "$O" "$O.add"; fail reload-lun-add "LUNs after adding 2: '$after_add' (before: '$before')" "$O.add"; fi
 
 if e2e_want reload-lun-remove; then
   cfg_unlun t1 2
   target_reload
-  after_rm=$(luns)
+  after_rm=$(poll_luns '! has "$l" 2')
   if has "$after_rm" 2 || ! has "$after_rm" 1; then
     fail reload-lun-remove "LUNs after removing 2: '$after_rm'" "$O"
   elif ! kill -0 $perf 2>/dev/null; then
