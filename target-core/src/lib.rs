@@ -9,4 +9,13 @@
 
 pub mod config;
 pub mod lun;
+pub mod portal;
+pub mod session;
+pub mod table;
 pub mod scsi;
+
+/// A CHAP secret for the login machine, or `None` if it violates RFC 7143 §12.1.3's length
+/// rule (configuration loaders refuse such secrets earlier, with a message naming the field).
+pub(crate) fn chap_secret(bytes: &[u8]) -> Option<iscsi_proto::chap::ChapSecret> {
+    iscsi_proto::chap::ChapSecret::new(bytes.to_vec()).ok()
+}

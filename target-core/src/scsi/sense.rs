@@ -212,6 +212,11 @@ pub enum ScsiError {
     /// HARDWARE ERROR, 44h/00h INTERNAL TARGET FAILURE.
     #[error("internal target failure")]
     InternalTargetFailure,
+    /// ILLEGAL REQUEST, 0Eh/03h INVALID FIELD IN COMMAND INFORMATION UNIT: the transport's
+    /// expected data transfer length disagrees with the CDB (FCP-4 §9.4.2 option b, which
+    /// iSCSI targets apply the same way; no data is transferred).
+    #[error("invalid field in command information unit")]
+    InvalidFieldInCommandInformationUnit,
     /// UNIT ATTENTION with the condition's code.
     #[error("unit attention {0:?}")]
     UnitAttention(UnitAttention),
@@ -261,6 +266,9 @@ impl ScsiError {
                 ..Sense::new(K::MISCOMPARE, 0x1D, 0x00)
             },
             ScsiError::InternalTargetFailure => Sense::new(K::HARDWARE_ERROR, 0x44, 0x00),
+            ScsiError::InvalidFieldInCommandInformationUnit => {
+                Sense::new(K::ILLEGAL_REQUEST, 0x0e, 0x03)
+            }
             ScsiError::UnitAttention(ua) => ua.sense(),
         }
     }

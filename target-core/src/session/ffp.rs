@@ -1,0 +1,1236 @@
+//! Full feature phase of one connection (RFC 7143 §4.2, §11): command window, write data
+//! collection with R2T, Data-In sequences, task management, NOP, text, logout.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use iscsi_proto::codec::ConnectionAction;
+use iscsi_proto::negotiate::{SessionParams, SessionType};
+use iscsi_proto::pdu::{
+    tmf, tmf_response, AsyncMessage, DataIn, DataOut, Header, LogoutRequest, LogoutResponse,
+    NopIn, NopOut, R2t, Reject, RejectReason, ScsiCommand, ScsiResponse, TaskMgmtRequest,
+    TaskMgmtResponse, TextRequest, TextResponse, BHS_LEN,
+};
+use iscsi_proto::types::{Itt, Lun, Sn, Ttt};
+use iscsi_proto::{Codec, DecodeError, Pdu};
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::writer::{self, Counters, Out, OutTx};
+use super::{new_handle, ConnectionContext, ConnectionError, LoggedIn};
+use crate::scsi::{self, LogicalUnit, ScsiError, ScsiResult};
+use crate::table::{EndReason, SessionHandle, Target};
+
+/// SCSI status GOOD (SAM-5 §5.3.1).
+const GOOD: u8 = 0x00;
+/// SCSI status CHECK CONDITION.
+const CHECK_CONDITION: u8 = 0x02;
+
+/// A write command collecting its data.
+struct WriteTask {
+    cmd: ScsiCommand,
+    lu: Option<Arc<LogicalUnit>>,
+    cdb: Bytes,
+    /// Bytes the command will consume (0 when the command is refused before transfer).
+    wanted: u32,
+    /// The error to answer once unsolicited data has been drained, instead of executing.
+    refuse: Option<(ScsiError, Residual)>,
+    /// Data received so far, in buffer-offset order.
+    bufs: Vec<Bytes>,
+    received: u32,
+    /// Unsolicited bytes still to come (immediate data counted already).
+    unsolicited_left: u32,
+    /// Next buffer offset of the unsolicited sequence.
+    unsolicited_offset: u32,
+    unsolicited_data_sn: u32,
+    /// Offset up to which R2Ts have been sent.
+    solicited_to: u32,
+    /// Outstanding R2Ts: (TTT, offset, length, next expected offset, next DataSN).
+    r2ts: VecDeque<R2tState>,
+    r2t_sn: u32,
+}
+
+struct R2tState {
+    ttt: Ttt,
+    end: u32,
+    next_offset: u32,
+    next_data_sn: u32,
+}
+
+/// Residual of a command: (underflow, overflow) bytes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Residual {
+    underflow: u32,
+    overflow: u32,
+}
+
+/// Events from command tasks back to the connection.
+enum TaskEvent {
+    Done(Itt),
+}
+
+struct Conn {
+    ctx: ConnectionContext,
+    params: SessionParams,
+    peer: SocketAddr,
+    local: SocketAddr,
+    target: Option<Arc<Target>>,
+    handle: Option<Arc<SessionHandle>>,
+    out: OutTx,
+    counters: Arc<Counters>,
+    events_tx: mpsc::UnboundedSender<TaskEvent>,
+    /// Commands executing, by ITT.
+    running: HashMap<Itt, (Lun, JoinHandle<()>)>,
+    /// Write commands collecting data, by ITT.
+    writes: HashMap<Itt, WriteTask>,
+    /// Solicited transfers: TTT -> ITT.
+    ttts: HashMap<Ttt, Itt>,
+    next_ttt: u32,
+    /// Non-immediate commands that arrived ahead of ExpCmdSN (held until the gap fills).
+    held: BTreeMap<u32, Pdu>,
+    /// Text responses waiting for the initiator to ask for the next part (TTT -> rest).
+    text_continuations: HashMap<Ttt, Bytes>,
+    last_heard: Instant,
+    ping_outstanding: Option<Ttt>,
+}
+
+pub(super) async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    ctx: ConnectionContext,
+    rbuf: BytesMut,
+    login: LoggedIn,
+) -> Result<(), ConnectionError> {
+    let LoggedIn {
+        params,
+        tsih,
+        next_stat_sn,
+        exp_cmd_sn,
+    } = login;
+    let codec = Codec {
+        header_digest: params.header_digest,
+        data_digest: params.data_digest,
+        max_recv_data_segment_length: params.max_recv_data_segment_length,
+    };
+    let counters = Arc::new(Counters::new(exp_cmd_sn, ctx.options.queue_depth));
+    let (rd, wr) = stream.into_split();
+    let (out_tx, out_rx) = mpsc::channel::<Out>(1024);
+    let writer = tokio::spawn(writer::run(
+        wr,
+        out_rx,
+        codec.clone(),
+        counters.clone(),
+        next_stat_sn,
+    ));
+
+    let (target, handle) = if params.session_type == SessionType::Normal {
+        let name = params.target_name.clone().unwrap_or_default();
+        match ctx.table.target(&name) {
+            Some(t) => {
+                let h = new_handle(&ctx.table, &params, tsih, peer);
+                ctx.table.register_session(&t, h.clone());
+                (Some(t), Some(h))
+            }
+            None => {
+                // Removed between login and now.
+                return Err(ConnectionError::Protocol("target removed during login"));
+            }
+        }
+    } else {
+        (None, None)
+    };
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let mut conn = Conn {
+        ctx,
+        params,
+        peer,
+        local,
+        target,
+        handle,
+        out: out_tx,
+        counters,
+        events_tx,
+        running: HashMap::new(),
+        writes: HashMap::new(),
+        ttts: HashMap::new(),
+        next_ttt: 1,
+        held: BTreeMap::new(),
+        text_continuations: HashMap::new(),
+        last_heard: Instant::now(),
+        ping_outstanding: None,
+    };
+    let result = conn.serve(rd, rbuf, codec, events_rx).await;
+    conn.finish().await;
+    let _ = writer.await;
+    if let (Some(t), Some(h)) = (&conn.target, &conn.handle) {
+        conn.ctx.table.unregister_session(t, h.id);
+    }
+    info!(
+        peer = %conn.peer,
+        initiator = %conn.params.initiator_name,
+        target = conn.params.target_name.as_deref().unwrap_or("-"),
+        "session ended"
+    );
+    result
+}
+
+impl Conn {
+    async fn serve(
+        &mut self,
+        mut rd: OwnedReadHalf,
+        mut rbuf: BytesMut,
+        mut codec: Codec,
+        mut events: mpsc::UnboundedReceiver<TaskEvent>,
+    ) -> Result<(), ConnectionError> {
+        let cancel = self
+            .handle
+            .as_ref()
+            .map(|h| h.cancel.clone())
+            .unwrap_or_default();
+        let shutdown = self.ctx.shutdown.clone();
+        let mut tick = tokio::time::interval(Duration::from_secs(1).min(self.ctx.options.nop_interval));
+        loop {
+            // Decode everything already buffered before reading more.
+            loop {
+                match codec.decode(&mut rbuf) {
+                    Ok(Some(pdu)) => {
+                        self.last_heard = Instant::now();
+                        self.ping_outstanding = None;
+                        if !self.handle_pdu(pdu).await? {
+                            return Ok(());
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => self.decode_error(e).await?,
+                }
+            }
+            tokio::select! {
+                n = rd.read_buf(&mut rbuf) => {
+                    if n? == 0 {
+                        debug!(peer = %self.peer, "peer closed the connection");
+                        return Ok(());
+                    }
+                }
+                Some(ev) = events.recv() => self.task_event(ev),
+                _ = cancel.cancelled() => {
+                    let reason = self.handle.as_ref().and_then(|h| h.end_reason());
+                    self.end_by_target(reason.unwrap_or(EndReason::Shutdown)).await;
+                    return Ok(());
+                }
+                _ = shutdown.cancelled() => {
+                    self.end_by_target(EndReason::Shutdown).await;
+                    return Ok(());
+                }
+                _ = tick.tick() => self.keepalive().await?,
+            }
+        }
+    }
+
+    fn task_event(&mut self, ev: TaskEvent) {
+        match ev {
+            TaskEvent::Done(itt) => {
+                self.running.remove(&itt);
+            }
+        }
+    }
+
+    async fn keepalive(&mut self) -> Result<(), ConnectionError> {
+        let silent = self.last_heard.elapsed();
+        let opts = &self.ctx.options;
+        if silent >= opts.nop_timeout {
+            warn!(peer = %self.peer, initiator = %self.params.initiator_name, "initiator unresponsive; dropping connection");
+            return Err(ConnectionError::NopTimeout(silent));
+        }
+        if silent >= opts.nop_interval && self.ping_outstanding.is_none() {
+            // RFC 7143 §11.19: a NOP-In with a valid TTT asks the initiator for a NOP-Out.
+            let ttt = self.alloc_ttt();
+            self.ping_outstanding = Some(ttt);
+            self.send(Pdu::new(
+                Header::NopIn(NopIn {
+                    lun: Lun::default(),
+                    itt: Itt::RESERVED,
+                    ttt,
+                    stat_sn: Sn(0),
+                    exp_cmd_sn: Sn(0),
+                    max_cmd_sn: Sn(0),
+                }),
+                Bytes::new(),
+            ))
+            .await;
+        }
+        Ok(())
+    }
+
+    fn alloc_ttt(&mut self) -> Ttt {
+        loop {
+            let t = Ttt(self.next_ttt);
+            self.next_ttt = self.next_ttt.wrapping_add(1);
+            if t != Ttt::RESERVED && !self.ttts.contains_key(&t) {
+                return t;
+            }
+        }
+    }
+
+    async fn send(&self, pdu: Pdu) {
+        let _ = self.out.send(Out::Pdu(pdu)).await;
+    }
+
+    async fn reject(&self, reason: RejectReason, header: &[u8]) {
+        // RFC 7143 §11.17: the data segment carries "the complete header of the PDU being
+        // rejected".
+        let hdr = Bytes::copy_from_slice(&header[..header.len().min(BHS_LEN)]);
+        self.send(Pdu::new(
+            Header::Reject(Reject {
+                reason,
+                stat_sn: Sn(0),
+                exp_cmd_sn: Sn(0),
+                max_cmd_sn: Sn(0),
+                data_sn: Sn(0),
+            }),
+            hdr,
+        ))
+        .await;
+    }
+
+    async fn reject_pdu(&self, reason: RejectReason, pdu: &Pdu) {
+        let bhs = pdu.header.write(pdu.ahs.len(), pdu.data.len());
+        self.reject(reason, &bhs).await;
+    }
+
+    async fn decode_error(&mut self, e: DecodeError) -> Result<(), ConnectionError> {
+        warn!(peer = %self.peer, error = %e, "bad PDU");
+        match (e.action(), e) {
+            (ConnectionAction::Reject(reason), DecodeError::DataDigest { header, .. }) => {
+                self.reject(reason, &header).await;
+                // At ErrorRecoveryLevel 0 a lost Data-Out cannot be recovered: end the
+                // connection after the Reject (RFC 7143 §7.1.5, session recovery).
+                let itt = iscsi_proto::pdu::bhs_itt(&header);
+                if self.writes.contains_key(&itt) {
+                    self.flush().await;
+                    return Err(ConnectionError::Decode(e));
+                }
+                Ok(())
+            }
+            (ConnectionAction::Reject(reason), _) => {
+                self.reject(reason, &[0u8; BHS_LEN]).await;
+                Ok(())
+            }
+            _ => {
+                if let DecodeError::DataSegmentTooLong { .. } = e {
+                    // RFC 7143 §13.12 violation: tell the initiator why before closing.
+                    self.reject(RejectReason::PROTOCOL_ERROR, &[0u8; BHS_LEN]).await;
+                    self.flush().await;
+                }
+                Err(ConnectionError::Decode(e))
+            }
+        }
+    }
+
+    async fn flush(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.out.send(Out::Close(tx)).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+        }
+    }
+
+    /// Handles one PDU. Returns false when the connection should close (after logout).
+    async fn handle_pdu(&mut self, pdu: Pdu) -> Result<bool, ConnectionError> {
+        let discovery = self.params.session_type == SessionType::Discovery;
+        match &pdu.header {
+            Header::ScsiCommand(_) if discovery => {
+                // RFC 7143 §4.3: a discovery session carries only Text, Logout and NOP.
+                self.reject_pdu(RejectReason::PROTOCOL_ERROR, &pdu).await;
+                Ok(true)
+            }
+            Header::ScsiCommand(cmd) => {
+                let cmd = cmd.clone();
+                if !self.check_cmd_sn(cmd.immediate, cmd.cmd_sn, &pdu) {
+                    return Ok(true);
+                }
+                self.scsi_command(cmd, pdu).await?;
+                self.run_held().await?;
+                Ok(true)
+            }
+            Header::DataOut(d) => {
+                let d = d.clone();
+                self.data_out(d, pdu).await?;
+                Ok(true)
+            }
+            Header::NopOut(n) => {
+                let n = n.clone();
+                self.nop_out(n, pdu).await;
+                Ok(true)
+            }
+            Header::TaskMgmtRequest(t) => {
+                let t = t.clone();
+                if !self.check_cmd_sn(t.immediate, t.cmd_sn, &pdu) {
+                    return Ok(true);
+                }
+                self.task_mgmt(t).await;
+                Ok(true)
+            }
+            Header::TextRequest(t) => {
+                let t = t.clone();
+                if !self.check_cmd_sn(t.immediate, t.cmd_sn, &pdu) {
+                    return Ok(true);
+                }
+                self.text(t, pdu.data).await;
+                Ok(true)
+            }
+            Header::LogoutRequest(l) => {
+                let l = l.clone();
+                if !self.check_cmd_sn(l.immediate, l.cmd_sn, &pdu) {
+                    return Ok(true);
+                }
+                self.logout(l).await
+            }
+            Header::SnackRequest(_) => {
+                // RFC 7143 §11.16: SNACK support is required only at ErrorRecoveryLevel > 0.
+                self.reject_pdu(RejectReason::SNACK_REJECT, &pdu).await;
+                Ok(true)
+            }
+            Header::LoginRequest(_) => {
+                // RFC 7143 §6.3: a Login Request in full feature phase is a protocol error.
+                self.reject_pdu(RejectReason::PROTOCOL_ERROR, &pdu).await;
+                Ok(true)
+            }
+            Header::Unknown(raw) => {
+                self.reject(RejectReason::COMMAND_NOT_SUPPORTED, &raw[..]).await;
+                Ok(true)
+            }
+            _ => {
+                // A target-to-initiator opcode sent to us.
+                self.reject_pdu(RejectReason::PROTOCOL_ERROR, &pdu).await;
+                Ok(true)
+            }
+        }
+    }
+
+    /// CmdSN window check (RFC 7143 §4.2.2.1): "For non-immediate commands, the CmdSN field
+    /// ... MUST be ... within the window [ExpCmdSN, MaxCmdSN]; commands outside it MUST be
+    /// silently ignored." Immediate commands do not advance ExpCmdSN. Returns whether the PDU
+    /// should be processed now; a command ahead of ExpCmdSN is held.
+    fn check_cmd_sn(&mut self, immediate: bool, cmd_sn: Sn, pdu: &Pdu) -> bool {
+        if immediate {
+            return true;
+        }
+        let (exp, max) = self.counters.window();
+        if cmd_sn == exp {
+            self.counters
+                .exp_cmd_sn
+                .store(exp.add(1).0, Ordering::Release);
+            return true;
+        }
+        if exp.lt(cmd_sn) && cmd_sn.le(max) && self.held.len() < 1024 {
+            debug!(cmd_sn = %cmd_sn, exp = %exp, "command ahead of ExpCmdSN; holding");
+            self.held.insert(cmd_sn.0, pdu.clone());
+        } else {
+            debug!(cmd_sn = %cmd_sn, exp = %exp, max = %max, "CmdSN outside window; ignored");
+        }
+        false
+    }
+
+    /// Runs held commands whose turn has come.
+    async fn run_held(&mut self) -> Result<(), ConnectionError> {
+        loop {
+            let exp = self.counters.exp_cmd_sn.load(Ordering::Acquire);
+            let Some(pdu) = self.held.remove(&exp) else {
+                return Ok(());
+            };
+            self.counters
+                .exp_cmd_sn
+                .store(exp.wrapping_add(1), Ordering::Release);
+            match &pdu.header {
+                Header::ScsiCommand(c) => {
+                    let c = c.clone();
+                    self.scsi_command(c, pdu).await?;
+                }
+                Header::TaskMgmtRequest(t) => {
+                    let t = t.clone();
+                    self.task_mgmt(t).await;
+                }
+                Header::TextRequest(t) => {
+                    let t = t.clone();
+                    self.text(t, pdu.data).await;
+                }
+                Header::LogoutRequest(l) => {
+                    let l = l.clone();
+                    self.logout(l).await?;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn scsi_command(&mut self, cmd: ScsiCommand, pdu: Pdu) -> Result<(), ConnectionError> {
+        if self.running.contains_key(&cmd.itt) || self.writes.contains_key(&cmd.itt) {
+            // RFC 7143 §11.2.1.6: the ITT "uniquely identifies the task"; a duplicate tag is a
+            // protocol error.
+            self.reject_pdu(RejectReason::TASK_IN_PROGRESS, &pdu).await;
+            return Ok(());
+        }
+        // The full CDB: 16 bytes in the BHS, more in an Extended CDB AHS (RFC 7143 §11.3.5).
+        let cdb = match pdu.extended_cdb() {
+            Some(ext) => {
+                let mut v = BytesMut::with_capacity(16 + ext.len());
+                v.extend_from_slice(&cmd.cdb);
+                v.extend_from_slice(&ext);
+                v.freeze()
+            }
+            None => Bytes::copy_from_slice(&cmd.cdb),
+        };
+        self.counters.outstanding.fetch_add(1, Ordering::AcqRel);
+        let lun = cmd.lun.number();
+        let lu = lun.and_then(|n| self.target.as_ref().and_then(|t| t.lun(n)));
+        let edtl = cmd.expected_data_transfer_length;
+
+        if cmd.read && cmd.write {
+            // Bidirectional commands are not supported by any command we implement.
+            let err = ScsiError::InvalidFieldInCdb { byte: 0, bit: None };
+            self.respond_error(&cmd, err, Residual::default(), 0).await;
+            return Ok(());
+        }
+        let immediate_len = pdu.data.len() as u32;
+        if !cmd.write && immediate_len > 0 {
+            // RFC 7143 §11.3: immediate data accompanies only write commands.
+            self.reject_pdu(RejectReason::PROTOCOL_ERROR, &pdu).await;
+            self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+            return Ok(());
+        }
+        if cmd.write {
+            let limits = (&self.params.immediate_data, self.params.first_burst_length);
+            if immediate_len > 0 && (!*limits.0 || immediate_len > limits.1 || immediate_len > edtl)
+            {
+                // RFC 7143 §13.14/§13.15: immediate data only when ImmediateData=Yes, at most
+                // FirstBurstLength and never more than the expected transfer.
+                self.reject_pdu(RejectReason::PROTOCOL_ERROR, &pdu).await;
+                self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+                return Ok(());
+            }
+            return self.start_write(cmd, cdb, lu, pdu.data).await;
+        }
+        // Read or no-data command: run it now.
+        self.spawn_command(cmd, cdb, lu, Vec::new(), None);
+        Ok(())
+    }
+
+    async fn start_write(
+        &mut self,
+        cmd: ScsiCommand,
+        cdb: Bytes,
+        lu: Option<Arc<LogicalUnit>>,
+        immediate: Bytes,
+    ) -> Result<(), ConnectionError> {
+        let edtl = cmd.expected_data_transfer_length;
+        let mut refuse = None;
+        let mut wanted = 0u32;
+        match &lu {
+            None => {
+                refuse = Some((ScsiError::LunNotSupported, Residual::default()));
+            }
+            Some(lu) => match lu.data_out_length(&cdb) {
+                Err(e) => refuse = Some((e, Residual::default())),
+                Ok(spdtl) => {
+                    let spdtl = u32::try_from(spdtl).unwrap_or(u32::MAX);
+                    if spdtl != edtl {
+                        // SPC/FCP-4 residual rule as libiscsi's residual tests accept it:
+                        // transfer no data and answer INVALID FIELD IN COMMAND INFORMATION
+                        // UNIT, with the residual set.
+                        let residual = if spdtl > edtl {
+                            Residual {
+                                overflow: spdtl - edtl,
+                                underflow: 0,
+                            }
+                        } else {
+                            Residual {
+                                underflow: edtl - spdtl,
+                                overflow: 0,
+                            }
+                        };
+                        refuse = Some((ScsiError::InvalidFieldInCommandInformationUnit, residual));
+                    } else {
+                        wanted = spdtl;
+                    }
+                }
+            },
+        }
+        // Unsolicited data the initiator will send regardless (RFC 7143 §13.13, §13.14):
+        // immediate data plus, with InitialR2T=No, Data-Out up to FirstBurstLength.
+        let unsolicited_total = if self.params.initial_r2t {
+            immediate.len() as u32
+        } else {
+            edtl.min(self.params.first_burst_length)
+        };
+        let imm_len = immediate.len() as u32;
+        let mut task = WriteTask {
+            cmd,
+            lu,
+            cdb,
+            wanted,
+            refuse,
+            bufs: Vec::new(),
+            received: 0,
+            unsolicited_left: unsolicited_total.saturating_sub(imm_len),
+            unsolicited_offset: imm_len,
+            unsolicited_data_sn: 0,
+            solicited_to: unsolicited_total,
+            r2ts: VecDeque::new(),
+            r2t_sn: 0,
+        };
+        if imm_len > 0 {
+            task.received = imm_len;
+            task.bufs.push(immediate);
+        }
+        let itt = task.cmd.itt;
+        self.writes.insert(itt, task);
+        self.advance_write(itt).await;
+        Ok(())
+    }
+
+    /// Sends R2Ts as allowed, or runs the command once all its data is in.
+    async fn advance_write(&mut self, itt: Itt) {
+        let max_r2t = u32::from(self.params.max_outstanding_r2t.max(1));
+        let max_burst = self.params.max_burst_length.max(512);
+        let Some(task) = self.writes.get_mut(&itt) else {
+            return;
+        };
+        let target_len = if task.refuse.is_some() { 0 } else { task.wanted };
+        let mut r2ts = Vec::new();
+        if task.refuse.is_none() {
+            while task.solicited_to < target_len && (task.r2ts.len() as u32) < max_r2t {
+                let offset = task.solicited_to;
+                let len = (target_len - offset).min(max_burst);
+                r2ts.push((offset, len));
+                task.solicited_to += len;
+            }
+        }
+        let done_unsolicited = task.unsolicited_left == 0;
+        let complete = done_unsolicited && task.r2ts.is_empty() && r2ts.is_empty()
+            && (task.refuse.is_some() || task.received >= task.wanted);
+        if complete {
+            let Some(task) = self.writes.remove(&itt) else {
+                return;
+            };
+            let ndata_sn = task.r2t_sn;
+            match task.refuse {
+                Some((err, residual)) => {
+                    self.respond_error(&task.cmd, err, residual, ndata_sn).await;
+                }
+                None => {
+                    let mut bufs = task.bufs;
+                    // Drop anything beyond what the command consumes.
+                    trim_to(&mut bufs, task.wanted);
+                    self.spawn_command(task.cmd, task.cdb, task.lu, bufs, Some(ndata_sn));
+                }
+            }
+            return;
+        }
+        let mut pdus = Vec::with_capacity(r2ts.len());
+        for (offset, len) in r2ts {
+            let ttt = self.alloc_ttt();
+            self.ttts.insert(ttt, itt);
+            let Some(task) = self.writes.get_mut(&itt) else {
+                return;
+            };
+            let r2t_sn = task.r2t_sn;
+            task.r2t_sn += 1;
+            task.r2ts.push_back(R2tState {
+                ttt,
+                end: offset + len,
+                next_offset: offset,
+                next_data_sn: 0,
+            });
+            pdus.push(Pdu::new(
+                Header::R2t(R2t {
+                    lun: task.cmd.lun,
+                    itt,
+                    ttt,
+                    stat_sn: Sn(0),
+                    exp_cmd_sn: Sn(0),
+                    max_cmd_sn: Sn(0),
+                    r2t_sn: Sn(r2t_sn),
+                    buffer_offset: offset,
+                    desired_data_transfer_length: len,
+                }),
+                Bytes::new(),
+            ));
+        }
+        if !pdus.is_empty() {
+            let _ = self.out.send(Out::Pdus(pdus)).await;
+        }
+    }
+
+    async fn data_out(&mut self, d: DataOut, pdu: Pdu) -> Result<(), ConnectionError> {
+        let len = pdu.data.len() as u32;
+        let Some(task) = self.writes.get_mut(&d.itt) else {
+            // RFC 7143 §11.7: Data-Out for an unknown task. It may belong to a command we
+            // already answered (refused before its unsolicited data arrived); drop quietly
+            // unless the tag was never seen.
+            if self.running.contains_key(&d.itt) {
+                return Ok(());
+            }
+            self.reject_pdu(RejectReason::INVALID_PDU_FIELD, &pdu).await;
+            return Ok(());
+        };
+        if d.ttt == Ttt::RESERVED {
+            // Unsolicited Data-Out (RFC 7143 §11.7.4: TTT 0xffffffff).
+            if len > task.unsolicited_left || d.buffer_offset != task.unsolicited_offset {
+                warn!(peer = %self.peer, itt = d.itt.0, "unsolicited Data-Out beyond FirstBurstLength or out of order");
+                self.reject_pdu(RejectReason::PROTOCOL_ERROR, &pdu).await;
+                self.flush().await;
+                return Err(ConnectionError::Protocol("unsolicited data out of bounds"));
+            }
+            if d.data_sn.0 != task.unsolicited_data_sn {
+                // RFC 7143 §11.7.5: DataSN counts Data-Out PDUs of the sequence from 0.
+                self.reject_pdu(RejectReason::PROTOCOL_ERROR, &pdu).await;
+                self.flush().await;
+                return Err(ConnectionError::Protocol("Data-Out DataSN out of order"));
+            }
+            task.unsolicited_data_sn += 1;
+            task.unsolicited_offset += len;
+            task.unsolicited_left -= len;
+            if d.final_ && task.unsolicited_left > 0 {
+                // The initiator ended the unsolicited burst early (EDTL smaller than we
+                // computed); accept what came.
+                task.unsolicited_left = 0;
+            }
+        } else {
+            let Some(pos) = task.r2ts.iter().position(|r| r.ttt == d.ttt) else {
+                self.reject_pdu(RejectReason::INVALID_PDU_FIELD, &pdu).await;
+                return Ok(());
+            };
+            let r = &mut task.r2ts[pos];
+            if d.buffer_offset != r.next_offset || d.buffer_offset + len > r.end {
+                // RFC 7143 §11.7.5 with DataPDUInOrder=Yes: offsets must be contiguous and
+                // within the R2T's window.
+                self.reject_pdu(RejectReason::PROTOCOL_ERROR, &pdu).await;
+                self.flush().await;
+                return Err(ConnectionError::Protocol("Data-Out offset outside the R2T"));
+            }
+            if d.data_sn.0 != r.next_data_sn {
+                self.reject_pdu(RejectReason::PROTOCOL_ERROR, &pdu).await;
+                self.flush().await;
+                return Err(ConnectionError::Protocol("Data-Out DataSN out of order"));
+            }
+            r.next_data_sn += 1;
+            r.next_offset += len;
+            if r.next_offset >= r.end || d.final_ {
+                let ttt = r.ttt;
+                task.r2ts.remove(pos);
+                self.ttts.remove(&ttt);
+            }
+        }
+        let task = self.writes.get_mut(&d.itt).expect("looked up above");
+        if task.refuse.is_none() && len > 0 {
+            task.received += len;
+            task.bufs.push(pdu.data);
+        }
+        self.advance_write(d.itt).await;
+        Ok(())
+    }
+
+    fn spawn_command(
+        &mut self,
+        cmd: ScsiCommand,
+        cdb: Bytes,
+        lu: Option<Arc<LogicalUnit>>,
+        data_out: Vec<Bytes>,
+        r2t_count: Option<u32>,
+    ) {
+        let out = self.out.clone();
+        let counters = self.counters.clone();
+        let events = self.events_tx.clone();
+        let nexus = self.handle.as_ref().map(|h| h.id).unwrap_or(0);
+        let luns = self
+            .target
+            .as_ref()
+            .map(|t| t.lun_numbers())
+            .unwrap_or_default();
+        let max_seg = self.params.max_send_data_segment_length.max(512);
+        let max_burst = self.params.max_burst_length.max(512);
+        let itt = cmd.itt;
+        let lun = cmd.lun;
+        let handle = tokio::spawn(async move {
+            let data_out_len: u32 = data_out.iter().map(|b| b.len() as u32).sum();
+            let result = match &lu {
+                Some(lu) => lu.execute(nexus, &cdb, data_out, data_out_len).await,
+                None => scsi::execute_no_lun(&cdb, &luns),
+            };
+            let pdus = build_response(&cmd, result, max_seg, max_burst, r2t_count.unwrap_or(0));
+            counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+            let _ = out.send(Out::Pdus(pdus)).await;
+            let _ = events.send(TaskEvent::Done(itt));
+        });
+        self.running.insert(itt, (lun, handle));
+    }
+
+    async fn respond_error(&mut self, cmd: &ScsiCommand, err: ScsiError, residual: Residual, exp_data_sn: u32) {
+        let sense = err.sense();
+        let pdu = scsi_response(cmd.itt, CHECK_CONDITION, Some(sense.to_fixed()), residual, exp_data_sn);
+        self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.send(pdu).await;
+    }
+
+    async fn nop_out(&mut self, n: NopOut, pdu: Pdu) {
+        if n.ttt != Ttt::RESERVED {
+            // Answer to our ping (RFC 7143 §11.18.3); nothing to send.
+            return;
+        }
+        if n.itt == Itt::RESERVED {
+            // RFC 7143 §11.18.1: a NOP-Out with ITT 0xffffffff asks for no answer.
+            return;
+        }
+        if !n.immediate {
+            // Non-immediate NOP-Outs consume a CmdSN (RFC 7143 §11.18).
+            if !self.check_cmd_sn(false, n.cmd_sn, &pdu) {
+                return;
+            }
+        }
+        // RFC 7143 §11.19.1: the ping data is returned in the NOP-In.
+        self.send(Pdu::new(
+            Header::NopIn(NopIn {
+                lun: n.lun,
+                itt: n.itt,
+                ttt: Ttt::RESERVED,
+                stat_sn: Sn(0),
+                exp_cmd_sn: Sn(0),
+                max_cmd_sn: Sn(0),
+            }),
+            pdu.data,
+        ))
+        .await;
+    }
+
+    async fn task_mgmt(&mut self, t: TaskMgmtRequest) {
+        let response = match t.function {
+            tmf::ABORT_TASK => {
+                let referenced = t.referenced_task_tag;
+                let mut found = false;
+                if let Some((_, h)) = self.running.remove(&referenced) {
+                    h.abort();
+                    self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+                    found = true;
+                }
+                if let Some(w) = self.writes.remove(&referenced) {
+                    for r in w.r2ts {
+                        self.ttts.remove(&r.ttt);
+                    }
+                    self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+                    found = true;
+                }
+                if found {
+                    tmf_response::COMPLETE
+                } else {
+                    // RFC 7143 §11.6.1: a task that is not known but whose RefCmdSN is in the
+                    // window and below the TMF's CmdSN "was received and completed": answer
+                    // Function Complete; otherwise "Task does not exist".
+                    let exp = Sn(self.counters.exp_cmd_sn.load(Ordering::Acquire));
+                    if t.ref_cmd_sn.lt(exp) {
+                        tmf_response::COMPLETE
+                    } else {
+                        tmf_response::TASK_DOES_NOT_EXIST
+                    }
+                }
+            }
+            tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET | tmf::LOGICAL_UNIT_RESET => {
+                match t.lun.number().and_then(|n| self.target.as_ref().and_then(|tg| tg.lun(n))) {
+                    None => tmf_response::LUN_DOES_NOT_EXIST,
+                    Some(lu) => {
+                        self.abort_where(|l| l == t.lun);
+                        if t.function == tmf::LOGICAL_UNIT_RESET {
+                            let nexus = self.handle.as_ref().map(|h| h.id).unwrap_or(0);
+                            lu.reset(nexus);
+                        }
+                        tmf_response::COMPLETE
+                    }
+                }
+            }
+            tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
+                self.abort_where(|_| true);
+                let nexus = self.handle.as_ref().map(|h| h.id).unwrap_or(0);
+                if let Some(target) = &self.target {
+                    for n in target.lun_numbers() {
+                        if let Some(lu) = target.lun(n) {
+                            lu.reset(nexus);
+                        }
+                    }
+                }
+                tmf_response::COMPLETE
+            }
+            tmf::CLEAR_ACA => tmf_response::NOT_SUPPORTED,
+            // RFC 7143 §11.5.1: TASK REASSIGN needs ErrorRecoveryLevel 2.
+            tmf::TASK_REASSIGN => tmf_response::REASSIGNMENT_NOT_SUPPORTED,
+            _ => tmf_response::REJECTED,
+        };
+        self.send(Pdu::new(
+            Header::TaskMgmtResponse(TaskMgmtResponse {
+                response,
+                itt: t.itt,
+                stat_sn: Sn(0),
+                exp_cmd_sn: Sn(0),
+                max_cmd_sn: Sn(0),
+            }),
+            Bytes::new(),
+        ))
+        .await;
+        if t.function == tmf::TARGET_COLD_RESET {
+            // RFC 7143 §11.5.1: after a cold reset the target drops all connections.
+            if let Some(h) = &self.handle {
+                h.end(EndReason::Reinstated);
+            }
+        }
+    }
+
+    fn abort_where(&mut self, pred: impl Fn(Lun) -> bool) {
+        let running: Vec<Itt> = self
+            .running
+            .iter()
+            .filter(|(_, (l, _))| pred(*l))
+            .map(|(i, _)| *i)
+            .collect();
+        for itt in running {
+            if let Some((_, h)) = self.running.remove(&itt) {
+                h.abort();
+                self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let writes: Vec<Itt> = self
+            .writes
+            .iter()
+            .filter(|(_, w)| pred(w.cmd.lun))
+            .map(|(i, _)| *i)
+            .collect();
+        for itt in writes {
+            if let Some(w) = self.writes.remove(&itt) {
+                for r in w.r2ts {
+                    self.ttts.remove(&r.ttt);
+                }
+                self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    async fn text(&mut self, t: TextRequest, data: Bytes) {
+        let max = self.params.max_send_data_segment_length.max(512) as usize;
+        // Continuation of a long response (RFC 7143 §11.10.4: the initiator sends an empty
+        // Text Request with the TTT we gave).
+        let body = if t.ttt != Ttt::RESERVED {
+            match self.text_continuations.remove(&t.ttt) {
+                Some(rest) => rest,
+                None => {
+                    let bhs = Header::TextRequest(t.clone()).write(0, data.len());
+                    self.reject(RejectReason::INVALID_PDU_FIELD, &bhs).await;
+                    return;
+                }
+            }
+        } else {
+            self.text_answer(&data)
+        };
+        let (chunk, rest) = if body.len() > max {
+            (body.slice(..max), Some(body.slice(max..)))
+        } else {
+            (body, None)
+        };
+        let ttt = match rest {
+            Some(rest) => {
+                let ttt = self.alloc_ttt();
+                self.text_continuations.insert(ttt, rest);
+                ttt
+            }
+            None => Ttt::RESERVED,
+        };
+        let more = ttt != Ttt::RESERVED;
+        self.send(Pdu::new(
+            Header::TextResponse(TextResponse {
+                final_: !more,
+                continue_: more,
+                lun: t.lun,
+                itt: t.itt,
+                ttt,
+                stat_sn: Sn(0),
+                exp_cmd_sn: Sn(0),
+                max_cmd_sn: Sn(0),
+            }),
+            chunk,
+        ))
+        .await;
+    }
+
+    /// Answers the keys of a full-feature Text Request.
+    fn text_answer(&self, data: &[u8]) -> Bytes {
+        let mut out = BytesMut::new();
+        let pairs = match iscsi_proto::text::parse(data) {
+            Ok(p) => p,
+            Err(_) => return Bytes::new(),
+        };
+        for (key, value) in pairs {
+            if key == "SendTargets" {
+                self.send_targets(value, &mut out);
+            } else {
+                // Renegotiation in full feature phase is not supported: RFC 7143 §6.2 lets a
+                // responder answer a key it does not handle with NotUnderstood.
+                out.extend_from_slice(key.as_bytes());
+                out.extend_from_slice(b"=NotUnderstood\0");
+            }
+        }
+        out.freeze()
+    }
+
+    /// SendTargets (RFC 7143 Appendix C): targets this initiator may log in to, each with the
+    /// portal this connection arrived on, so `iscsiadm -m node -p <portal>` finds the record.
+    fn send_targets(&self, value: &str, out: &mut BytesMut) {
+        let initiator = &self.params.initiator_name;
+        let tpgt = self.ctx.options.portal_group_tag;
+        let addr = match self.local {
+            SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
+            SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+                Some(v4) => format!("{}:{}", v4, a.port()),
+                None => format!("[{}]:{}", a.ip(), a.port()),
+            },
+        };
+        let wanted: Vec<Arc<Target>> = match value {
+            "All" if self.params.session_type == SessionType::Discovery => self.ctx.table.targets(),
+            // RFC 7143 Appendix C: in a normal session, an empty value or the session's own
+            // target name reports just that target.
+            "" | "All" => self.target.iter().cloned().collect(),
+            name => self.ctx.table.target(name).into_iter().collect(),
+        };
+        for t in wanted {
+            if !t.admits(initiator, self.peer.ip()) {
+                continue;
+            }
+            out.extend_from_slice(format!("TargetName={}\0TargetAddress={},{}\0", t.iqn, addr, tpgt).as_bytes());
+        }
+    }
+
+    async fn logout(&mut self, l: LogoutRequest) -> Result<bool, ConnectionError> {
+        let response = match l.reason {
+            // 0: close the session; 1: close the connection (the only one).
+            0 | 1 => 0,
+            // RFC 7143 §11.15.1: "connection recovery is not supported" at ERL 0.
+            2 => 2,
+            _ => {
+                let bhs = Header::LogoutRequest(l.clone()).write(0, 0);
+                self.reject(RejectReason::PROTOCOL_ERROR, &bhs).await;
+                return Ok(true);
+            }
+        };
+        if response == 0 {
+            self.drain(self.ctx.options.drain_timeout).await;
+        }
+        self.send(Pdu::new(
+            Header::LogoutResponse(LogoutResponse {
+                response,
+                itt: l.itt,
+                stat_sn: Sn(0),
+                exp_cmd_sn: Sn(0),
+                max_cmd_sn: Sn(0),
+                time2wait: 0,
+                time2retain: 0,
+            }),
+            Bytes::new(),
+        ))
+        .await;
+        if response == 0 {
+            info!(peer = %self.peer, initiator = %self.params.initiator_name, target = self.params.target_name.as_deref().unwrap_or("-"), "logout");
+            self.flush().await;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Waits for running commands to finish, up to `limit`.
+    async fn drain(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        for (_, (_, h)) in self.running.drain() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut h = h;
+            if tokio::time::timeout(left, &mut h).await.is_err() {
+                h.abort();
+            }
+        }
+    }
+
+    /// The target ends the session: finish what runs (bounded), tell the initiator with an
+    /// Asynchronous Message, and close.
+    async fn end_by_target(&mut self, reason: EndReason) {
+        info!(peer = %self.peer, initiator = %self.params.initiator_name, target = self.params.target_name.as_deref().unwrap_or("-"), ?reason, "target ends session");
+        self.drain(self.ctx.options.drain_timeout).await;
+        if reason != EndReason::Reinstated {
+            // RFC 7143 §11.9.1, AsyncEvent 3: "target will drop all connections of this
+            // session"; Parameter2/3 carry Time2Wait and Time2Retain.
+            self.send(Pdu::new(
+                Header::AsyncMessage(AsyncMessage {
+                    lun: Lun::default(),
+                    stat_sn: Sn(0),
+                    exp_cmd_sn: Sn(0),
+                    max_cmd_sn: Sn(0),
+                    async_event: 3,
+                    async_vcode: 0,
+                    parameter1: 0,
+                    parameter2: 2,
+                    parameter3: 0,
+                }),
+                Bytes::new(),
+            ))
+            .await;
+        }
+        self.flush().await;
+    }
+
+    async fn finish(&mut self) {
+        for (_, (_, h)) in self.running.drain() {
+            h.abort();
+        }
+        self.writes.clear();
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let _ = self.out.send(Out::Close(tx)).await;
+    }
+}
+
+fn trim_to(bufs: &mut Vec<Bytes>, len: u32) {
+    let mut left = len as usize;
+    let mut keep = 0;
+    for b in bufs.iter_mut() {
+        if left == 0 {
+            break;
+        }
+        if b.len() > left {
+            b.truncate(left);
+        }
+        left -= b.len();
+        keep += 1;
+    }
+    bufs.truncate(keep);
+}
+
+fn scsi_response(
+    itt: Itt,
+    status: u8,
+    sense: Option<[u8; 18]>,
+    residual: Residual,
+    exp_data_sn: u32,
+) -> Pdu {
+    // RFC 7143 §11.4.7: sense data is preceded by a 2-byte SenseLength.
+    let data = match sense {
+        Some(s) => {
+            let mut b = BytesMut::with_capacity(20);
+            b.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            b.extend_from_slice(&s);
+            b.freeze()
+        }
+        None => Bytes::new(),
+    };
+    Pdu::new(
+        Header::ScsiResponse(ScsiResponse {
+            bidi_overflow: false,
+            bidi_underflow: false,
+            overflow: residual.overflow > 0,
+            underflow: residual.underflow > 0,
+            response: 0,
+            status,
+            itt,
+            snack_tag: 0,
+            stat_sn: Sn(0),
+            exp_cmd_sn: Sn(0),
+            max_cmd_sn: Sn(0),
+            exp_data_sn: Sn(exp_data_sn),
+            bidi_read_residual_count: 0,
+            residual_count: residual.overflow.max(residual.underflow),
+        }),
+        data,
+    )
+}
+
+/// Data-In PDUs and the status for a finished command (RFC 7143 §11.7, §11.4).
+fn build_response(
+    cmd: &ScsiCommand,
+    result: ScsiResult,
+    max_seg: u32,
+    max_burst: u32,
+    r2t_count: u32,
+) -> Vec<Pdu> {
+    let edtl = cmd.expected_data_transfer_length;
+    let produced = result.data_in.len() as u32;
+    // Residuals (RFC 7143 §11.4.5): underflow when the command moved less than EDTL,
+    // overflow when it would have moved more.
+    let residual = if !cmd.read && !cmd.write {
+        Residual {
+            overflow: produced,
+            underflow: 0,
+        }
+    } else if produced < edtl {
+        Residual {
+            underflow: edtl - produced,
+            overflow: 0,
+        }
+    } else {
+        Residual {
+            overflow: produced - edtl,
+            underflow: 0,
+        }
+    };
+    let send_len = if cmd.read { produced.min(edtl) } else { 0 };
+    let mut pdus = Vec::with_capacity(1 + (send_len / max_seg.max(1)) as usize + 1);
+    let collapse = result.status == GOOD && result.sense.is_none();
+    let mut offset = 0u32;
+    let mut data_sn = 0u32;
+    let mut burst_left = max_burst;
+    while offset < send_len {
+        let len = (send_len - offset).min(max_seg).min(burst_left);
+        let last = offset + len == send_len;
+        burst_left -= len;
+        let end_of_burst = burst_left == 0 || last;
+        let status_here = last && collapse;
+        pdus.push(Pdu::new(
+            Header::DataIn(DataIn {
+                final_: end_of_burst,
+                acknowledge: false,
+                overflow: status_here && residual.overflow > 0,
+                underflow: status_here && residual.underflow > 0,
+                status_present: status_here,
+                status: if status_here { GOOD } else { 0 },
+                lun: cmd.lun,
+                itt: cmd.itt,
+                ttt: Ttt::RESERVED,
+                stat_sn: Sn(0),
+                exp_cmd_sn: Sn(0),
+                max_cmd_sn: Sn(0),
+                data_sn: Sn(data_sn),
+                buffer_offset: offset,
+                residual_count: if status_here {
+                    residual.overflow.max(residual.underflow)
+                } else {
+                    0
+                },
+            }),
+            result.data_in.slice(offset as usize..(offset + len) as usize),
+        ));
+        data_sn += 1;
+        offset += len;
+        if burst_left == 0 {
+            burst_left = max_burst;
+        }
+    }
+    if send_len == 0 || !collapse {
+        let sense = result.sense.map(|s| s.to_fixed());
+        pdus.push(scsi_response(
+            cmd.itt,
+            result.status,
+            sense,
+            residual,
+            data_sn + r2t_count,
+        ));
+    }
+    pdus
+}

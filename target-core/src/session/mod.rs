@@ -1,0 +1,302 @@
+//! Connections and sessions: login, then the full feature phase.
+//!
+//! One task per connection reads PDUs and dispatches them; SCSI commands run as their own
+//! tasks so many can be in flight; a writer task ([`writer`]) sends responses in completion
+//! order with StatSN assigned at send time. ErrorRecoveryLevel 0, one connection per session
+//! (RFC 7143 §7.1.5: session recovery is the only recovery at ERL 0).
+
+mod ffp;
+pub mod writer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use iscsi_proto::login::{
+    AuthRequirement, LoginAuthority, LoginConfig, LoginMachine, LoginStep, TargetLookup,
+};
+use iscsi_proto::negotiate::{SessionParams, SessionType, TargetLimits};
+use iscsi_proto::pdu::Header;
+use iscsi_proto::types::{Isid, Sn, Tsih};
+use iscsi_proto::{Codec, Pdu};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::chap_secret;
+use crate::table::{SessionHandle, TargetTable};
+
+/// Knobs of the session layer.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// Most commands an initiator may have outstanding per session (the CmdSN window).
+    pub queue_depth: u32,
+    /// Our side of the operational key negotiation.
+    pub limits: TargetLimits,
+    /// Send a NOP-In ping after this long without hearing from the initiator.
+    pub nop_interval: Duration,
+    /// Drop the connection when the initiator has been silent this long.
+    pub nop_timeout: Duration,
+    /// A login must complete within this time.
+    pub login_timeout: Duration,
+    /// How long in-flight commands may take to finish when a session is ended by the target.
+    pub drain_timeout: Duration,
+    /// TargetPortalGroupTag advertised for every portal.
+    pub portal_group_tag: u16,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            queue_depth: 128,
+            limits: TargetLimits::default(),
+            nop_interval: Duration::from_secs(10),
+            nop_timeout: Duration::from_secs(30),
+            login_timeout: Duration::from_secs(15),
+            drain_timeout: Duration::from_secs(10),
+            portal_group_tag: 1,
+        }
+    }
+}
+
+/// Everything a connection task needs.
+#[derive(Clone)]
+pub struct ConnectionContext {
+    pub table: Arc<TargetTable>,
+    pub options: Arc<SessionOptions>,
+    /// Cancelled when the agent shuts down.
+    pub shutdown: CancellationToken,
+}
+
+/// Answers the login machine's questions from the target table, for one peer address.
+struct Authority<'a> {
+    table: &'a TargetTable,
+    peer: SocketAddr,
+}
+
+impl LoginAuthority for Authority<'_> {
+    fn lookup_target(&self, target_name: &str, initiator_name: &str) -> TargetLookup {
+        let Some(target) = self.table.target(target_name) else {
+            return TargetLookup::NotFound;
+        };
+        if !target.admits(initiator_name, self.peer.ip()) {
+            return TargetLookup::Forbidden;
+        }
+        let st = target.state();
+        let auth = if st.chap.incoming.is_empty() {
+            AuthRequirement::None
+        } else {
+            let accounts = st
+                .chap
+                .incoming
+                .iter()
+                .filter_map(|c| chap_secret(&c.secret).map(|s| (c.user.clone(), s)))
+                .collect();
+            let mutual = st
+                .chap
+                .outgoing
+                .as_ref()
+                .and_then(|c| chap_secret(&c.secret).map(|s| (c.user.clone(), s)));
+            AuthRequirement::Chap { accounts, mutual }
+        };
+        TargetLookup::Allowed {
+            alias: st.alias.clone(),
+            auth,
+        }
+    }
+
+    fn session_exists(&self, initiator_name: &str, isid: Isid, tsih: Tsih) -> bool {
+        self.table.session_exists(initiator_name, isid.0, tsih.0)
+    }
+}
+
+/// Serves one accepted TCP connection until it closes.
+pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: ConnectionContext) {
+    let local = match stream.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(%peer, error = %e, "cannot read local address; closing");
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    if let Err(e) = run(stream, peer, local, ctx).await {
+        info!(%peer, error = %e, "connection closed");
+    }
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("framing: {0}")]
+    Decode(#[from] iscsi_proto::DecodeError),
+    #[error("login failed: {0}")]
+    Login(String),
+    #[error("login timed out")]
+    LoginTimeout,
+    #[error("peer closed the connection during login")]
+    ClosedDuringLogin,
+    #[error("protocol: {0}")]
+    Protocol(&'static str),
+    #[error("initiator silent for {0:?}: NOP-Out ping unanswered")]
+    NopTimeout(Duration),
+}
+
+async fn run(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    ctx: ConnectionContext,
+) -> Result<(), ConnectionError> {
+    let mut rbuf = BytesMut::with_capacity(64 * 1024);
+    let mut codec = Codec::default();
+    let login = tokio::time::timeout(
+        ctx.options.login_timeout,
+        login_phase(&mut stream, peer, &ctx, &mut rbuf, &mut codec),
+    )
+    .await
+    .map_err(|_| ConnectionError::LoginTimeout)??;
+    let Some(done) = login else {
+        return Ok(());
+    };
+    ffp::run(stream, peer, local, ctx, rbuf, done).await
+}
+
+/// The result of a successful login.
+pub(crate) struct LoggedIn {
+    pub params: SessionParams,
+    pub tsih: u16,
+    /// StatSN for the first full-feature response.
+    pub next_stat_sn: Sn,
+    /// CmdSN of the first full-feature command.
+    pub exp_cmd_sn: Sn,
+}
+
+async fn read_pdu(
+    stream: &mut TcpStream,
+    rbuf: &mut BytesMut,
+    codec: &mut Codec,
+) -> Result<Option<Pdu>, ConnectionError> {
+    loop {
+        if let Some(pdu) = codec.decode(rbuf)? {
+            return Ok(Some(pdu));
+        }
+        if stream.read_buf(rbuf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+async fn login_phase(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    ctx: &ConnectionContext,
+    rbuf: &mut BytesMut,
+    codec: &mut Codec,
+) -> Result<Option<LoggedIn>, ConnectionError> {
+    let opts = &ctx.options;
+    let mut machine = LoginMachine::new(LoginConfig {
+        limits: opts.limits.clone(),
+        portal_group_tag: opts.portal_group_tag,
+        discovery_auth: AuthRequirement::None,
+        initial_stat_sn: Sn(rand::random::<u32>() & 0x0fff_ffff),
+        queue_depth: opts.queue_depth,
+    });
+    // A CSPRNG for CHAP challenges (RFC 1994 §2.3: challenges must be unpredictable).
+    let mut rng = StdRng::from_entropy();
+    let authority = Authority {
+        table: &ctx.table,
+        peer,
+    };
+    let mut wbuf = BytesMut::new();
+    let mut last_cmd_sn;
+    loop {
+        let Some(pdu) = read_pdu(stream, rbuf, codec).await? else {
+            return Err(ConnectionError::ClosedDuringLogin);
+        };
+        if let Header::LoginRequest(req) = &pdu.header {
+            last_cmd_sn = req.cmd_sn;
+        } else {
+            // RFC 7143 §6.3: "the initiator MUST NOT send any PDU other than Login Requests"
+            // before the login completes; a target receiving one ends the login.
+            return Err(ConnectionError::Protocol(
+                "non-login PDU before login completed",
+            ));
+        }
+        match machine.handle_pdu(&pdu, &authority, &mut rng) {
+            LoginStep::Continue(resp) => {
+                codec.encode(&resp, &mut wbuf);
+                stream.write_all(&wbuf).await?;
+                wbuf.clear();
+            }
+            LoginStep::Complete {
+                mut response,
+                params,
+            } => {
+                let tsih = if params.session_type == SessionType::Normal {
+                    ctx.table.allocate_tsih()
+                } else {
+                    0
+                };
+                let mut next_stat_sn = Sn(0);
+                if let Header::LoginResponse(r) = &mut response.header {
+                    r.tsih = Tsih(tsih);
+                    next_stat_sn = r.stat_sn.add(1);
+                }
+                codec.encode(&response, &mut wbuf);
+                stream.write_all(&wbuf).await?;
+                wbuf.clear();
+                // RFC 7143 §13.1: digests take effect "after the completion of the Login
+                // Phase"; the data segment limit is the one we declared.
+                codec.header_digest = params.header_digest;
+                codec.data_digest = params.data_digest;
+                codec.max_recv_data_segment_length = params.max_recv_data_segment_length;
+                info!(
+                    %peer,
+                    initiator = %params.initiator_name,
+                    target = params.target_name.as_deref().unwrap_or("-"),
+                    session_type = ?params.session_type,
+                    tsih,
+                    "login complete"
+                );
+                return Ok(Some(LoggedIn {
+                    params,
+                    tsih,
+                    next_stat_sn,
+                    exp_cmd_sn: last_cmd_sn,
+                }));
+            }
+            LoginStep::Fail { response, error } => {
+                warn!(%peer, error = %error, "login refused");
+                codec.encode(&response, &mut wbuf);
+                stream.write_all(&wbuf).await?;
+                let _ = stream.shutdown().await;
+                return Err(ConnectionError::Login(error.to_string()));
+            }
+        }
+    }
+}
+
+/// Registers the session with its target (reinstating an older one of the same ISID).
+pub(crate) fn new_handle(
+    table: &TargetTable,
+    params: &SessionParams,
+    tsih: u16,
+    peer: SocketAddr,
+) -> Arc<SessionHandle> {
+    Arc::new(SessionHandle {
+        id: table.allocate_session_id(),
+        tsih,
+        initiator: params.initiator_name.clone(),
+        isid: params.isid.0,
+        peer,
+        cancel: CancellationToken::new(),
+        end_reason: std::sync::Mutex::new(None),
+    })
+}

@@ -1,0 +1,209 @@
+//! The write half of a connection: stamps sequence numbers and sends PDUs with vectored writes.
+//!
+//! StatSN is assigned here, in send order, so responses completed out of order by concurrent
+//! commands still carry increasing StatSNs (RFC 7143 §4.2.2.2: "StatSN ... is incremented for
+//! every response"). ExpCmdSN and MaxCmdSN are read from the session counters at send time.
+
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use iscsi_proto::pdu::Header;
+use iscsi_proto::types::{Itt, Sn};
+use iscsi_proto::{Codec, Pdu};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Command-window counters shared by the reader, the command tasks and the writer.
+#[derive(Debug)]
+pub struct Counters {
+    /// Next expected CmdSN.
+    pub exp_cmd_sn: AtomicU32,
+    /// Commands received and not yet answered.
+    pub outstanding: AtomicU32,
+    /// Queue depth: the most commands an initiator may have outstanding.
+    pub queue_depth: u32,
+}
+
+impl Counters {
+    pub fn new(exp_cmd_sn: Sn, queue_depth: u32) -> Counters {
+        Counters {
+            exp_cmd_sn: AtomicU32::new(exp_cmd_sn.0),
+            outstanding: AtomicU32::new(0),
+            queue_depth: queue_depth.max(1),
+        }
+    }
+
+    /// (ExpCmdSN, MaxCmdSN). RFC 7143 §4.2.2.1: the window is ExpCmdSN..=MaxCmdSN; we shrink
+    /// it by the commands still outstanding so an initiator never has more than `queue_depth`
+    /// commands in the target. MaxCmdSN = ExpCmdSN - 1 closes the window.
+    pub fn window(&self) -> (Sn, Sn) {
+        let exp = Sn(self.exp_cmd_sn.load(Ordering::Acquire));
+        let out = self.outstanding.load(Ordering::Acquire);
+        let room = self.queue_depth.saturating_sub(out);
+        (exp, Sn(exp.0.wrapping_add(room).wrapping_sub(1)))
+    }
+}
+
+/// What the writer is asked to do.
+#[derive(Debug)]
+pub enum Out {
+    /// Send these PDUs in order.
+    Pdus(Vec<Pdu>),
+    /// Send one PDU.
+    Pdu(Pdu),
+    /// Flush, then stop; the oneshot fires once everything before it was written.
+    Close(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Handle for sending PDUs to the writer task.
+pub type OutTx = mpsc::Sender<Out>;
+
+/// Sets StatSN, ExpCmdSN and MaxCmdSN in `h`. Returns whether StatSN advances.
+fn stamp(h: &mut Header, stat_sn: Sn, exp: Sn, max: Sn) -> bool {
+    match h {
+        Header::ScsiResponse(r) => {
+            (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (stat_sn, exp, max);
+            true
+        }
+        Header::TaskMgmtResponse(r) => {
+            (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (stat_sn, exp, max);
+            true
+        }
+        Header::LogoutResponse(r) => {
+            (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (stat_sn, exp, max);
+            true
+        }
+        Header::TextResponse(r) => {
+            (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (stat_sn, exp, max);
+            true
+        }
+        Header::LoginResponse(r) => {
+            (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (stat_sn, exp, max);
+            true
+        }
+        Header::Reject(r) => {
+            (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (stat_sn, exp, max);
+            true
+        }
+        Header::AsyncMessage(r) => {
+            (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (stat_sn, exp, max);
+            true
+        }
+        Header::NopIn(r) => {
+            (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (stat_sn, exp, max);
+            // RFC 7143 §11.19.2: "when the Initiator Task Tag is set to 0xffffffff, the StatSN
+            // for the connection is not advanced after this PDU is sent."
+            r.itt != Itt::RESERVED
+        }
+        Header::DataIn(r) => {
+            (r.exp_cmd_sn, r.max_cmd_sn) = (exp, max);
+            // RFC 7143 §11.7.4: StatSN is only meaningful (and consumed) when S is set.
+            if r.status_present {
+                r.stat_sn = stat_sn;
+                true
+            } else {
+                false
+            }
+        }
+        Header::R2t(r) => {
+            // RFC 7143 §11.8: "StatSN ... contains the next StatSN"; an R2T does not advance it.
+            (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (stat_sn, exp, max);
+            false
+        }
+        _ => false,
+    }
+}
+
+/// Runs the writer until the channel closes or a `Close` is processed. Returns the I/O error
+/// that ended it, if any.
+pub async fn run<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::Receiver<Out>,
+    codec: Codec,
+    counters: Arc<Counters>,
+    mut stat_sn: Sn,
+) -> std::io::Result<()> {
+    let mut scratch = BytesMut::with_capacity(16 * 1024);
+    let mut segs: Vec<Bytes> = Vec::with_capacity(64);
+    let mut pdus: Vec<Pdu> = Vec::with_capacity(64);
+    loop {
+        let Some(first) = rx.recv().await else {
+            return Ok(());
+        };
+        let mut close = None;
+        let mut push = |m: Out, pdus: &mut Vec<Pdu>| match m {
+            Out::Pdus(v) => pdus.extend(v),
+            Out::Pdu(p) => pdus.push(p),
+            Out::Close(tx) => close = Some(tx),
+        };
+        push(first, &mut pdus);
+        // Coalesce what is already queued into one vectored write.
+        while pdus.len() < 256 {
+            match rx.try_recv() {
+                Ok(m) => push(m, &mut pdus),
+                Err(_) => break,
+            }
+        }
+        let (exp, max) = counters.window();
+        for mut pdu in pdus.drain(..) {
+            if stamp(&mut pdu.header, stat_sn, exp, max) {
+                stat_sn = stat_sn.add(1);
+            }
+            codec.encode_head(&pdu, &mut scratch);
+            segs.push(scratch.split().freeze());
+            if !pdu.data.is_empty() {
+                segs.push(pdu.data.clone());
+                codec.encode_tail(&pdu, &mut scratch);
+                if !scratch.is_empty() {
+                    segs.push(scratch.split().freeze());
+                }
+            }
+        }
+        write_all_vectored(&mut w, &mut segs).await?;
+        if let Some(tx) = close {
+            w.flush().await?;
+            let _ = w.shutdown().await;
+            let _ = tx.send(());
+            return Ok(());
+        }
+    }
+}
+
+/// Writes every segment, handling partial writes. Empties `segs`.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    segs: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
+    let mut start = 0;
+    while start < segs.len() {
+        let n = {
+            let slices: Vec<IoSlice<'_>> = segs[start..]
+                .iter()
+                .take(64)
+                .map(|b| IoSlice::new(b))
+                .collect();
+            w.write_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut n = n;
+        while n > 0 {
+            let len = segs[start].len();
+            if n >= len {
+                n -= len;
+                start += 1;
+            } else {
+                let _ = segs[start].split_to(n);
+                n = 0;
+            }
+        }
+        while start < segs.len() && segs[start].is_empty() {
+            start += 1;
+        }
+    }
+    segs.clear();
+    Ok(())
+}
