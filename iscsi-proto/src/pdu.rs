@@ -786,7 +786,7 @@ impl Header {
     /// 2^24 - 1: callers build these from [`Pdu`]s whose sizes they control.
     pub fn write(&self, total_ahs_len: usize, data_len: usize) -> Bhs {
         assert!(
-            total_ahs_len % 4 == 0 && total_ahs_len <= 255 * 4,
+            total_ahs_len.is_multiple_of(4) && total_ahs_len <= 255 * 4,
             "AHS length"
         );
         assert!(data_len < (1 << 24), "DataSegmentLength is 24 bits");

@@ -27,8 +27,10 @@ impl Ttt {
 pub struct Sn(pub u32);
 
 impl Sn {
-    /// `self + n` with wrap-around (RFC 1982 §3.1: addition modulo 2^32).
+    /// `self + n` with wrap-around (RFC 1982 §3.1: addition modulo 2^32). Not `ops::Add`:
+    /// serial numbers only add small counts and never add to each other.
     #[must_use]
+    #[allow(clippy::should_implement_trait)]
     pub fn add(self, n: u32) -> Sn {
         Sn(self.0.wrapping_add(n))
     }

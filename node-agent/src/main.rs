@@ -17,7 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
-#[command(name = "ktgt-agent", version, about = "ktgt node agent: a native iSCSI target")]
+#[command(
+    name = "ktgt-agent",
+    version,
+    about = "ktgt node agent: a native iSCSI target"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
@@ -86,7 +90,9 @@ struct ServeArgs {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -162,7 +168,10 @@ fn log_report(report: &ApplyReport) {
         info!(target_iqn = %iqn, "target removed");
     }
     if report.sessions_ended > 0 {
-        info!(sessions = report.sessions_ended, "sessions ended by the change");
+        info!(
+            sessions = report.sessions_ended,
+            "sessions ended by the change"
+        );
     }
     for (iqn, errs) in &report.errors {
         for e in errs {
@@ -182,7 +191,9 @@ async fn standalone(source: Source, args: ServeArgs) -> anyhow::Result<()> {
     let report = table.apply(&desired).await;
     log_report(&report);
     if !report.errors.is_empty() {
-        anyhow::bail!("some LUNs could not be opened (see above); refusing to start half-configured");
+        anyhow::bail!(
+            "some LUNs could not be opened (see above); refusing to start half-configured"
+        );
     }
     let options = SessionOptions {
         queue_depth: args.queue_depth.max(1),

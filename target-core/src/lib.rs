@@ -10,9 +10,9 @@
 pub mod config;
 pub mod lun;
 pub mod portal;
+pub mod scsi;
 pub mod session;
 pub mod table;
-pub mod scsi;
 
 /// A CHAP secret for the login machine, or `None` if it violates RFC 7143 §12.1.3's length
 /// rule (configuration loaders refuse such secrets earlier, with a message naming the field).

@@ -32,9 +32,9 @@ impl Portal {
     ) -> std::io::Result<Portal> {
         let mut listeners = Vec::with_capacity(addrs.len());
         for a in addrs {
-            let l = TcpListener::bind(a).await.map_err(|e| {
-                std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}"))
-            })?;
+            let l = TcpListener::bind(a)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
             listeners.push(l);
         }
         Ok(Portal {

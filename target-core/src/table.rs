@@ -206,7 +206,10 @@ impl TargetTable {
     /// A fresh non-zero TSIH (RFC 7143 §11.12.6: "The target ... MUST NOT use 0").
     pub fn allocate_tsih(&self) -> u16 {
         loop {
-            let t = self.next_tsih.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            let t = self
+                .next_tsih
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
             if t != 0 {
                 return t;
             }
@@ -309,7 +312,11 @@ impl TargetTable {
             for (n, lc) in &tc.luns {
                 let unchanged = existing
                     .map(|t| {
-                        t.state.read().unwrap_or_else(|e| e.into_inner()).lun_configs.get(n)
+                        t.state
+                            .read()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .lun_configs
+                            .get(n)
                             == Some(lc)
                     })
                     .unwrap_or(false);

@@ -11,8 +11,8 @@ use bytes::{Bytes, BytesMut};
 use iscsi_proto::codec::ConnectionAction;
 use iscsi_proto::negotiate::{SessionParams, SessionType};
 use iscsi_proto::pdu::{
-    tmf, tmf_response, AsyncMessage, DataIn, DataOut, Header, LogoutRequest, LogoutResponse,
-    NopIn, NopOut, R2t, Reject, RejectReason, ScsiCommand, ScsiResponse, TaskMgmtRequest,
+    tmf, tmf_response, AsyncMessage, DataIn, DataOut, Header, LogoutRequest, LogoutResponse, NopIn,
+    NopOut, R2t, Reject, RejectReason, ScsiCommand, ScsiResponse, TaskMgmtRequest,
     TaskMgmtResponse, TextRequest, TextResponse, BHS_LEN,
 };
 use iscsi_proto::types::{Itt, Lun, Sn, Ttt};
@@ -198,7 +198,8 @@ impl Conn {
             .map(|h| h.cancel.clone())
             .unwrap_or_default();
         let shutdown = self.ctx.shutdown.clone();
-        let mut tick = tokio::time::interval(Duration::from_secs(1).min(self.ctx.options.nop_interval));
+        let mut tick =
+            tokio::time::interval(Duration::from_secs(1).min(self.ctx.options.nop_interval));
         loop {
             // Decode everything already buffered before reading more.
             loop {
@@ -328,7 +329,8 @@ impl Conn {
             _ => {
                 if let DecodeError::DataSegmentTooLong { .. } = e {
                     // RFC 7143 §13.12 violation: tell the initiator why before closing.
-                    self.reject(RejectReason::PROTOCOL_ERROR, &[0u8; BHS_LEN]).await;
+                    self.reject(RejectReason::PROTOCOL_ERROR, &[0u8; BHS_LEN])
+                        .await;
                     self.flush().await;
                 }
                 Err(ConnectionError::Decode(e))
@@ -405,7 +407,8 @@ impl Conn {
                 Ok(true)
             }
             Header::Unknown(raw) => {
-                self.reject(RejectReason::COMMAND_NOT_SUPPORTED, &raw[..]).await;
+                self.reject(RejectReason::COMMAND_NOT_SUPPORTED, &raw[..])
+                    .await;
                 Ok(true)
             }
             _ => {
@@ -604,7 +607,11 @@ impl Conn {
         let Some(task) = self.writes.get_mut(&itt) else {
             return;
         };
-        let target_len = if task.refuse.is_some() { 0 } else { task.wanted };
+        let target_len = if task.refuse.is_some() {
+            0
+        } else {
+            task.wanted
+        };
         let mut r2ts = Vec::new();
         if task.refuse.is_none() {
             while task.solicited_to < target_len && (task.r2ts.len() as u32) < max_r2t {
@@ -615,7 +622,9 @@ impl Conn {
             }
         }
         let done_unsolicited = task.unsolicited_left == 0;
-        let complete = done_unsolicited && task.r2ts.is_empty() && r2ts.is_empty()
+        let complete = done_unsolicited
+            && task.r2ts.is_empty()
+            && r2ts.is_empty()
             && (task.refuse.is_some() || task.received >= task.wanted);
         if complete {
             let Some(task) = self.writes.remove(&itt) else {
@@ -774,9 +783,21 @@ impl Conn {
         self.running.insert(itt, (lun, handle));
     }
 
-    async fn respond_error(&mut self, cmd: &ScsiCommand, err: ScsiError, residual: Residual, exp_data_sn: u32) {
+    async fn respond_error(
+        &mut self,
+        cmd: &ScsiCommand,
+        err: ScsiError,
+        residual: Residual,
+        exp_data_sn: u32,
+    ) {
         let sense = err.sense();
-        let pdu = scsi_response(cmd.itt, CHECK_CONDITION, Some(sense.to_fixed()), residual, exp_data_sn);
+        let pdu = scsi_response(
+            cmd.itt,
+            CHECK_CONDITION,
+            Some(sense.to_fixed()),
+            residual,
+            exp_data_sn,
+        );
         self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
         self.send(pdu).await;
     }
@@ -843,7 +864,11 @@ impl Conn {
                 }
             }
             tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET | tmf::LOGICAL_UNIT_RESET => {
-                match t.lun.number().and_then(|n| self.target.as_ref().and_then(|tg| tg.lun(n))) {
+                match t
+                    .lun
+                    .number()
+                    .and_then(|n| self.target.as_ref().and_then(|tg| tg.lun(n)))
+                {
                     None => tmf_response::LUN_DOES_NOT_EXIST,
                     Some(lu) => {
                         self.abort_where(|l| l == t.lun);
@@ -1009,7 +1034,9 @@ impl Conn {
             if !t.admits(initiator, self.peer.ip()) {
                 continue;
             }
-            out.extend_from_slice(format!("TargetName={}\0TargetAddress={},{}\0", t.iqn, addr, tpgt).as_bytes());
+            out.extend_from_slice(
+                format!("TargetName={}\0TargetAddress={},{}\0", t.iqn, addr, tpgt).as_bytes(),
+            );
         }
     }
 
@@ -1214,7 +1241,9 @@ fn build_response(
                     0
                 },
             }),
-            result.data_in.slice(offset as usize..(offset + len) as usize),
+            result
+                .data_in
+                .slice(offset as usize..(offset + len) as usize),
         ));
         data_sn += 1;
         offset += len;
