@@ -31,11 +31,12 @@ else
   allowed() { [ -f "$skip" ] && awk -F'\t' '!/^#/ && NF { print $1 }' "$skip"; }
 fi
 # unexplained: not passed and not allowed; improved: allowed but passed now
-unexplained=$(awk -F'\t' 'NR == FNR { ok[$1] = 1; next } $2 != "passed" && !($1 in ok) { print $1 " (" $2 ": " $3 ")" }' <(allowed) "$res")
-improved=$(awk -F'\t' 'NR == FNR { ok[$1] = 1; next } $2 == "passed" && ($1 in ok) { print $1 }' <(allowed) "$res")
+allowed >"$WORK/allowed"   # (FILENAME, not NR == FNR: the list may be empty)
+unexplained=$(awk -F'\t' 'FILENAME == ARGV[1] { ok[$1] = 1; next } $2 != "passed" && !($1 in ok) { print $1 " (" $2 ": " $3 ")" }' "$WORK/allowed" "$res")
+improved=$(awk -F'\t' 'FILENAME == ARGV[1] { ok[$1] = 1; next } $2 == "passed" && ($1 in ok) { print $1 }' "$WORK/allowed" "$res")
 [ -z "$improved" ] || echo "# compliance: now passing, remove from the expectation: $(echo $improved)" >&2
 if [ -f "$expect" ]; then
-  changed=$(awk -F'\t' 'NR == FNR { e[$1] = $2; next } ($1 in e) && e[$1] != $2 { print $1 ": " e[$1] " -> " $2 }' "$expect" "$res")
+  changed=$(awk -F'\t' 'FILENAME == ARGV[1] { e[$1] = $2; next } ($1 in e) && e[$1] != $2 { print $1 ": " e[$1] " -> " $2 }' "$expect" "$res")
   [ -z "$changed" ] || { echo "# compliance: results that differ from $(basename "$expect"):"; echo "$changed" | sed 's/^/#   /'; } >&2
 fi
 
@@ -44,7 +45,7 @@ if [ "${E2E_COMPLIANCE_UPDATE:-0}" = 1 ]; then
   else
     cp "$res" "$expect"
     [ -f "$skip" ] || printf '# iscsi-test-cu tests ktgt does not pass, each with the reason (test<TAB>reason).\n' >"$skip"
-    awk -F'\t' 'NR == FNR { if (!/^#/) have[$1] = 1; next } $2 != "passed" && !($1 in have) { print $1 "\tTODO: " $2 ": " $3 }' "$skip" "$res" >>"$skip"
+    awk -F'\t' 'FILENAME == ARGV[1] { if (!/^#/) have[$1] = 1; next } $2 != "passed" && !($1 in have) { print $1 "\tTODO: " $2 ": " $3 }' "$skip" "$res" >>"$skip"
   fi
   echo "# compliance: updated $(basename "$expect")" >&2
 fi
