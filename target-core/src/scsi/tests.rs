@@ -167,10 +167,11 @@ async fn unit_attentions() {
     );
     good(&lu.execute(OTHER, &[0; 6], vec![], 0).await);
 
-    // LUN reset: the other nexus sees 29h/03h, the requester nothing; WCE back to default.
+    // LUN reset: every nexus, the requester included, sees 29h/03h; WCE back to default.
     lu.wce.store(false, Ordering::Release);
-    lu.reset(NEXUS);
+    lu.reset();
     assert!(lu.wce());
+    check(&run(&lu, &[0; 6], &[]).await, SenseKey::UNIT_ATTENTION, 0x29, 0x03);
     good(&run(&lu, &[0; 6], &[]).await);
     let r = lu.execute(OTHER, &rw10(0x28, 0, 0, 1), vec![], 0).await;
     check(&r, SenseKey::UNIT_ATTENTION, 0x29, 0x03);

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use super::writer::{self, Counters, Out, OutTx};
 use super::{new_handle, ConnectionContext, ConnectionError, LoggedIn};
-use crate::scsi::{self, LogicalUnit, ScsiError, ScsiResult};
+use crate::scsi::{self, LogicalUnit, ScsiError, ScsiResult, Sense, SenseKey};
 use crate::table::{EndReason, SessionHandle, Target};
 
 /// SCSI status GOOD (SAM-5 §5.3.1).
@@ -40,10 +40,12 @@ struct WriteTask {
     cmd: ScsiCommand,
     lu: Option<Arc<LogicalUnit>>,
     cdb: Bytes,
-    /// Bytes the command will consume (0 when the command is refused before transfer).
+    /// Bytes the command will consume: min(EDTL, what the CDB transfers).
     wanted: u32,
-    /// The error to answer once unsolicited data has been drained, instead of executing.
-    refuse: Option<(ScsiError, Residual)>,
+    /// Residual between EDTL and the CDB's transfer length.
+    residual: Residual,
+    /// The sense to answer once the data in flight has been drained, instead of executing.
+    refuse: Option<(Sense, Residual)>,
     /// Data received so far, in buffer-offset order.
     bufs: Vec<Bytes>,
     received: u32,
@@ -500,7 +502,8 @@ impl Conn {
         if cmd.read && cmd.write {
             // Bidirectional commands are not supported by any command we implement.
             let err = ScsiError::InvalidFieldInCdb { byte: 0, bit: None };
-            self.respond_error(&cmd, err, Residual::default(), 0).await;
+            self.respond_error(&cmd, err.sense(), Residual::default(), 0)
+                .await;
             return Ok(());
         }
         let immediate_len = pdu.data.len() as u32;
@@ -537,33 +540,30 @@ impl Conn {
         let edtl = cmd.expected_data_transfer_length;
         let mut refuse = None;
         let mut wanted = 0u32;
+        let mut residual = Residual::default();
         match &lu {
             None => {
-                refuse = Some((ScsiError::LunNotSupported, Residual::default()));
+                refuse = Some((ScsiError::LunNotSupported.sense(), Residual::default()));
             }
             Some(lu) => match lu.data_out_length(&cdb) {
-                Err(e) => refuse = Some((e, Residual::default())),
+                Err(e) => refuse = Some((e.sense(), Residual::default())),
                 Ok(spdtl) => {
                     let spdtl = u32::try_from(spdtl).unwrap_or(u32::MAX);
-                    if spdtl != edtl {
-                        // SPC/FCP-4 residual rule as libiscsi's residual tests accept it:
-                        // transfer no data and answer INVALID FIELD IN COMMAND INFORMATION
-                        // UNIT, with the residual set.
-                        let residual = if spdtl > edtl {
-                            Residual {
-                                overflow: spdtl - edtl,
-                                underflow: 0,
-                            }
-                        } else {
-                            Residual {
-                                underflow: edtl - spdtl,
-                                overflow: 0,
-                            }
-                        };
-                        refuse = Some((ScsiError::InvalidFieldInCommandInformationUnit, residual));
+                    // RFC 7143 §11.4.5 and FCP-4 §9.4.2 option a: when the expected length and
+                    // the CDB disagree, process the command with the smaller amount (never
+                    // soliciting data beyond EDTL) and report the difference as a residual.
+                    wanted = spdtl.min(edtl);
+                    residual = if spdtl > edtl {
+                        Residual {
+                            overflow: spdtl - edtl,
+                            underflow: 0,
+                        }
                     } else {
-                        wanted = spdtl;
-                    }
+                        Residual {
+                            underflow: edtl - spdtl,
+                            overflow: 0,
+                        }
+                    };
                 }
             },
         }
@@ -580,6 +580,7 @@ impl Conn {
             lu,
             cdb,
             wanted,
+            residual,
             refuse,
             bufs: Vec::new(),
             received: 0,
@@ -639,7 +640,13 @@ impl Conn {
                     let mut bufs = task.bufs;
                     // Drop anything beyond what the command consumes.
                     trim_to(&mut bufs, task.wanted);
-                    self.spawn_command(task.cmd, task.cdb, task.lu, bufs, Some(ndata_sn));
+                    self.spawn_command(
+                        task.cmd,
+                        task.cdb,
+                        task.lu,
+                        bufs,
+                        Some((ndata_sn, task.residual)),
+                    );
                 }
             }
             return;
@@ -700,12 +707,14 @@ impl Conn {
                 return Err(ConnectionError::Protocol("unsolicited data out of bounds"));
             }
             if d.data_sn.0 != task.unsolicited_data_sn {
-                // RFC 7143 §11.7.5: DataSN counts Data-Out PDUs of the sequence from 0.
-                self.reject_pdu(RejectReason::PROTOCOL_ERROR, &pdu).await;
-                self.flush().await;
-                return Err(ConnectionError::Protocol("Data-Out DataSN out of order"));
+                // RFC 7143 §11.7.5: DataSN counts Data-Out PDUs of the sequence from 0. At
+                // ERL 0 the data cannot be recovered: the command fails (after its data is
+                // drained) and the session stays up.
+                warn!(peer = %self.peer, itt = d.itt.0, data_sn = d.data_sn.0, expected = task.unsolicited_data_sn, "Data-Out DataSN out of order; failing the command");
+                task.refuse
+                    .get_or_insert((data_phase_error(), Residual::default()));
             }
-            task.unsolicited_data_sn += 1;
+            task.unsolicited_data_sn = task.unsolicited_data_sn.wrapping_add(1);
             task.unsolicited_offset += len;
             task.unsolicited_left -= len;
             if d.final_ && task.unsolicited_left > 0 {
@@ -726,17 +735,19 @@ impl Conn {
                 self.flush().await;
                 return Err(ConnectionError::Protocol("Data-Out offset outside the R2T"));
             }
-            if d.data_sn.0 != r.next_data_sn {
-                self.reject_pdu(RejectReason::PROTOCOL_ERROR, &pdu).await;
-                self.flush().await;
-                return Err(ConnectionError::Protocol("Data-Out DataSN out of order"));
-            }
-            r.next_data_sn += 1;
+            let bad_data_sn = d.data_sn.0 != r.next_data_sn;
+            r.next_data_sn = r.next_data_sn.wrapping_add(1);
             r.next_offset += len;
             if r.next_offset >= r.end || d.final_ {
                 let ttt = r.ttt;
                 task.r2ts.remove(pos);
                 self.ttts.remove(&ttt);
+            }
+            if bad_data_sn {
+                // As above (RFC 7143 §11.7.5): fail the command, keep the session.
+                warn!(peer = %self.peer, itt = d.itt.0, data_sn = d.data_sn.0, "Data-Out DataSN out of order; failing the command");
+                task.refuse
+                    .get_or_insert((data_phase_error(), Residual::default()));
             }
         }
         let task = self.writes.get_mut(&d.itt).expect("looked up above");
@@ -754,7 +765,7 @@ impl Conn {
         cdb: Bytes,
         lu: Option<Arc<LogicalUnit>>,
         data_out: Vec<Bytes>,
-        r2t_count: Option<u32>,
+        write: Option<(u32, Residual)>,
     ) {
         let out = self.out.clone();
         let counters = self.counters.clone();
@@ -775,7 +786,7 @@ impl Conn {
                 Some(lu) => lu.execute(nexus, &cdb, data_out, data_out_len).await,
                 None => scsi::execute_no_lun(&cdb, &luns),
             };
-            let pdus = build_response(&cmd, result, max_seg, max_burst, r2t_count.unwrap_or(0));
+            let pdus = build_response(&cmd, result, max_seg, max_burst, write);
             counters.outstanding.fetch_sub(1, Ordering::AcqRel);
             let _ = out.send(Out::Pdus(pdus)).await;
             let _ = events.send(TaskEvent::Done(itt));
@@ -786,11 +797,10 @@ impl Conn {
     async fn respond_error(
         &mut self,
         cmd: &ScsiCommand,
-        err: ScsiError,
+        sense: Sense,
         residual: Residual,
         exp_data_sn: u32,
     ) {
-        let sense = err.sense();
         let pdu = scsi_response(
             cmd.itt,
             CHECK_CONDITION,
@@ -873,8 +883,7 @@ impl Conn {
                     Some(lu) => {
                         self.abort_where(|l| l == t.lun);
                         if t.function == tmf::LOGICAL_UNIT_RESET {
-                            let nexus = self.handle.as_ref().map(|h| h.id).unwrap_or(0);
-                            lu.reset(nexus);
+                            lu.reset();
                         }
                         tmf_response::COMPLETE
                     }
@@ -882,11 +891,10 @@ impl Conn {
             }
             tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
                 self.abort_where(|_| true);
-                let nexus = self.handle.as_ref().map(|h| h.id).unwrap_or(0);
                 if let Some(target) = &self.target {
                     for n in target.lun_numbers() {
                         if let Some(lu) = target.lun(n) {
-                            lu.reset(nexus);
+                            lu.reset();
                         }
                     }
                 }
@@ -1125,6 +1133,12 @@ impl Conn {
     }
 }
 
+/// ABORTED COMMAND, 4Bh/00h DATA PHASE ERROR (SPC-4 Annex D): the Data-Out sequence was
+/// malformed.
+fn data_phase_error() -> Sense {
+    Sense::new(SenseKey::ABORTED_COMMAND, 0x4b, 0x00)
+}
+
 fn trim_to(bufs: &mut Vec<Bytes>, len: u32) {
     let mut left = len as usize;
     let mut keep = 0;
@@ -1185,13 +1199,16 @@ fn build_response(
     result: ScsiResult,
     max_seg: u32,
     max_burst: u32,
-    r2t_count: u32,
+    write: Option<(u32, Residual)>,
 ) -> Vec<Pdu> {
     let edtl = cmd.expected_data_transfer_length;
     let produced = result.data_in.len() as u32;
+    let r2t_count = write.map(|(n, _)| n).unwrap_or(0);
     // Residuals (RFC 7143 §11.4.5): underflow when the command moved less than EDTL,
-    // overflow when it would have moved more.
-    let residual = if !cmd.read && !cmd.write {
+    // overflow when it would have moved more. Write residuals were computed from the CDB.
+    let residual = if let Some((_, r)) = write {
+        r
+    } else if !cmd.read && !cmd.write {
         Residual {
             overflow: produced,
             underflow: 0,
