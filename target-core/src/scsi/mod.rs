@@ -379,12 +379,13 @@ impl LogicalUnit {
         self.refresh_ua_pending(&st);
     }
 
-    /// LOGICAL UNIT RESET requested on `from_nexus` (SAM-5 §6.3.3): mode parameters return
-    /// to their defaults and every other nexus gets BUS DEVICE RESET FUNCTION OCCURRED
-    /// (29h/03h). Aborting the tasks is the transport's job.
-    pub fn reset(&self, from_nexus: u64) {
+    /// LOGICAL UNIT RESET (SAM-5 §6.3.3): mode parameters return to their defaults and a
+    /// unit attention BUS DEVICE RESET FUNCTION OCCURRED (29h/03h) is established for every
+    /// I_T nexus, the requester's included ("for all I_T nexuses" — libiscsi's
+    /// MultipathIO.Reset checks the requesting path too). Aborting tasks is the transport's job.
+    pub fn reset(&self) {
         self.wce.store(DEFAULT_WCE, Ordering::Release);
-        self.raise_unit_attention(UnitAttention::LunReset, Some(from_nexus));
+        self.raise_unit_attention(UnitAttention::LunReset, None);
     }
 
     /// Sets the LUN numbers REPORT LUNS lists (all LUNs of the target). Callers that change
