@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Usage: tests/setup.sh [--tgt] [--capture] [--perf] [--no-vm]     (root; idempotent)
 # Installs what the end-to-end tests (tests/e2e/run.sh) need on a fresh Debian bookworm machine:
-#   libiscsi-bin   iscsi-ls, iscsi-inq, iscsi-readcapacity16, iscsi-test-cu, iscsi-perf
+#   libiscsi-bin   iscsi-ls, iscsi-inq, iscsi-readcapacity16, iscsi-test-cu, iscsi-perf; iproute2 (ss)
 #   qemu-img       one that opens iscsi:// URLs: the system one if it can, else a private
 #                  qemu-utils + qemu-block-extra 7.2 unpacked under tests/tools/peer/.qemu/
 #   qemu-system-x86 socat cpio kmod   for the initiator VM, then builds it
@@ -27,7 +27,7 @@ log() { printf '[setup] %s\n' "$*"; }
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 
 # --- apt packages -------------------------------------------------------------------------
-want=(libiscsi-bin libiscsi7)
+want=(libiscsi-bin libiscsi7 iproute2)   # iproute2: ss, used to find free ports
 ((with_vm)) && want+=(qemu-system-x86 socat cpio kmod gzip)
 ((with_tgt)) && want+=(tgt)
 ((with_capture)) && want+=(tcpdump)

@@ -50,7 +50,14 @@ if [ "${E2E_COMPLIANCE_UPDATE:-0}" = 1 ]; then
   echo "# compliance: updated $(basename "$expect")" >&2
 fi
 
-if [ -n "$unexplained" ]; then
+# every test of the expectation must have run (a crash or the time limit cuts the suite short)
+missing=
+if [ -f "$expect" ]; then
+  missing=$(awk -F'\t' 'FILENAME == ARGV[1] { ran[$1] = 1; next } !/^#/ && NF && !($1 in ran) { print $1 }' "$res" "$expect")
+fi
+if [ -n "$missing" ]; then
+  fail compliance "$summary; $(echo "$missing" | wc -l) tests did not run ($(head -n 1 "$WORK/summary")), first: $(echo "$missing" | head -n 1)" "$LOGF"
+elif [ -n "$unexplained" ]; then
   n=$(echo "$unexplained" | wc -l)
   fail compliance "$summary; $n not passed and not in the expectation: $(echo "$unexplained" | head -n 5 | tr '\n' ';')$( ((n > 5)) && echo " ...")"
   echo "$unexplained" | sed 's/^/    | /' >&2
