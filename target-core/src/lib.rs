@@ -12,6 +12,7 @@ pub mod lun;
 pub mod portal;
 pub mod scsi;
 pub mod session;
+pub mod stats;
 pub mod table;
 
 /// A CHAP secret for the login machine, or `None` if it violates RFC 7143 §12.1.3's length

@@ -780,12 +780,15 @@ impl Conn {
         let max_burst = self.params.max_burst_length.max(512);
         let itt = cmd.itt;
         let lun = cmd.lun;
+        let iqn = self.target.as_ref().map(|t| t.iqn.as_str());
+        let probe = crate::stats::Probe::start(iqn, lu.as_deref(), &cdb);
         let handle = tokio::spawn(async move {
             let data_out_len: u32 = data_out.iter().map(|b| b.len() as u32).sum();
             let result = match &lu {
                 Some(lu) => lu.execute(nexus, &cdb, data_out, data_out_len).await,
                 None => scsi::execute_no_lun(&cdb, &luns),
             };
+            probe.finish(&result, data_out_len);
             let pdus = build_response(&cmd, result, max_seg, max_burst, write);
             counters.outstanding.fetch_sub(1, Ordering::AcqRel);
             let _ = out.send(Out::Pdus(pdus)).await;
