@@ -247,8 +247,9 @@ impl TargetTable {
                 lu.remove_nexus(o.id);
             }
         }
+        let port = crate::scsi::initiator_port(&handle.initiator, &handle.isid);
         for lu in target.all_luns() {
-            lu.add_nexus(handle.id);
+            lu.add_nexus(handle.id, &port);
         }
     }
 
@@ -398,7 +399,8 @@ impl TargetTable {
                             }
                             if let Some(lu) = opened.remove(&(iqn.clone(), *n)) {
                                 for s in &sessions {
-                                    lu.add_nexus(s.id);
+                                    let port = crate::scsi::initiator_port(&s.initiator, &s.isid);
+                                    lu.add_nexus(s.id, &port);
                                 }
                                 st.luns.insert(*n, lu);
                                 st.lun_configs.insert(*n, lc.clone());

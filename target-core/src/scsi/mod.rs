@@ -13,9 +13,9 @@
 //! - Sense formatting on the wire: [`Sense::to_fixed`] (D_SENSE is always zero here).
 //!
 //! # Not implemented (INVALID COMMAND OPERATION CODE, so libiscsi skips)
-//! PERSISTENT RESERVE IN/OUT, RESERVE/RELEASE(6/10), ORWRITE, XDWRITE*, WRITE ATOMIC,
-//! EXTENDED COPY, SANITIZE, READ DEFECT DATA, LOG SENSE. No protection information, no ALUA
-//! (TPGS 00b), D_SENSE fixed at zero, no saved mode pages.
+//! XDWRITE*, WRITE ATOMIC, EXTENDED COPY, SANITIZE, READ DEFECT DATA, LOG SENSE. No
+//! protection information, no ALUA (TPGS 00b), D_SENSE fixed at zero, no saved mode pages.
+//! Persistent reservations are not persisted across restarts (APTPL=1 is refused, see `pr`).
 //!
 //! # Layout
 //! - [`sense`]: status codes, [`Sense`], [`ScsiError`], [`UnitAttention`].
@@ -23,33 +23,39 @@
 //! - `spc`: primary commands (INQUIRY, REPORT LUNS, MODE SENSE/SELECT, REQUEST SENSE, ...).
 //! - `sbc`: block commands (READ, WRITE, VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE, ...).
 //! - `opcodes`: the command table behind REPORT SUPPORTED OPERATION CODES and dispatch.
+//! - `pr`: PERSISTENT RESERVE IN/OUT, RESERVE/RELEASE(6/10) and the reservation access check.
 //!
 //! # Concurrency
 //! Commands run concurrently on one LU. The state mutex (unit attentions, LUN list) is never
 //! held across `.await`; READ and WRITE touch it only when a unit attention may be pending
-//! (an atomic flag says so). COMPARE AND WRITE serialises with other COMPARE AND WRITE
-//! commands on the LU through an async lock; it is not atomic against plain WRITEs to the
-//! same blocks (as with tgtd).
+//! (an atomic flag says so), and the reservation state only while some reservation exists
+//! (another flag). COMPARE AND WRITE and ORWRITE serialise with each other on the LU through
+//! an async read-modify-write lock; they are not atomic against plain WRITEs to the same
+//! blocks (as with tgtd).
 
 mod cdb;
 mod identity;
 mod opcodes;
+mod pr;
 mod sbc;
 pub mod sense;
 mod spc;
 
 #[cfg(test)]
+mod pr_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
 use crate::lun::Store;
 
 pub use identity::{LuIdentity, MAX_SERIAL_LEN};
+pub use pr::{initiator_port, MAX_REGISTRATIONS};
 pub use sense::{status, ScsiError, Sense, SenseKey, UnitAttention};
 pub use spc::report_luns;
 
@@ -91,12 +97,14 @@ impl ScsiResult {
         }
     }
 
-    /// CHECK CONDITION with the error's sense.
+    /// The error's status ([`ScsiError::status`]): CHECK CONDITION with its sense, or
+    /// RESERVATION CONFLICT without sense data.
     pub fn from_error(e: ScsiError) -> ScsiResult {
+        let status = e.status();
         ScsiResult {
-            status: status::CHECK_CONDITION,
+            status,
             data_in: Bytes::new(),
-            sense: Some(e.sense()),
+            sense: (status == status::CHECK_CONDITION).then(|| e.sense()),
         }
     }
 
@@ -133,16 +141,24 @@ pub struct LogicalUnit {
     /// True when some nexus may have a unit attention queued: the fast path checks this
     /// before touching `state`.
     ua_pending: AtomicBool,
+    /// True when some reservation (persistent or SPC-2) exists: commands check `state`'s
+    /// reservations only then.
+    reserved: AtomicBool,
     /// Caching mode page WCE (SBC-3 §6.4.5). With WCE=0 every write is FUA.
     wce: AtomicBool,
     state: Mutex<LuState>,
-    compare_and_write: tokio::sync::Mutex<()>,
+    /// Serialises the read-modify-write commands (COMPARE AND WRITE, ORWRITE).
+    read_modify_write: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
 struct LuState {
-    /// Pending unit attentions per I_T nexus, highest priority first.
+    /// Pending unit attentions per session, highest priority first.
     ua: HashMap<u64, VecDeque<UnitAttention>>,
+    /// The initiator port (I_T nexus, see [`initiator_port`]) of each session.
+    ports: HashMap<u64, Arc<str>>,
+    /// Registrations and reservations.
+    res: pr::Reservations,
     /// LUN numbers REPORT LUNS lists (the whole target's).
     target_luns: Vec<u16>,
 }
@@ -179,12 +195,13 @@ impl LogicalUnit {
             identity,
             block_shift,
             ua_pending: AtomicBool::new(false),
+            reserved: AtomicBool::new(false),
             wce: AtomicBool::new(DEFAULT_WCE),
             state: Mutex::new(LuState {
-                ua: HashMap::new(),
                 target_luns: vec![lun],
+                ..LuState::default()
             }),
-            compare_and_write: tokio::sync::Mutex::new(()),
+            read_modify_write: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -229,9 +246,17 @@ impl LogicalUnit {
             }
         }
         match opcode {
-            // The hot path first.
-            op::READ_10 | op::READ_16 | op::READ_6 | op::READ_12 => self.read(cdb).await,
+            // The hot path first: one atomic load when no reservation exists.
+            op::READ_10 | op::READ_16 | op::READ_6 | op::READ_12 => {
+                if self.reserved.load(Ordering::Acquire) {
+                    self.check_reservation(nexus, opcode, cdb)?;
+                }
+                self.read(cdb).await
+            }
             op::WRITE_10 | op::WRITE_16 | op::WRITE_6 | op::WRITE_12 => {
+                if self.reserved.load(Ordering::Acquire) {
+                    self.check_reservation(nexus, opcode, cdb)?;
+                }
                 self.write(cdb, data, false).await.map(|()| Bytes::new())
             }
             _ => {
@@ -240,6 +265,11 @@ impl LogicalUnit {
                     return Err(ScsiError::cdb(0));
                 }
                 cdb::check_control(cdb, len)?;
+                // SPC-4 §5.12.1 / SPC-2 §5.5.1: a command that conflicts with a reservation
+                // ends in RESERVATION CONFLICT before it does anything.
+                if self.reserved.load(Ordering::Acquire) {
+                    self.check_reservation(nexus, opcode, cdb)?;
+                }
                 self.dispatch_other(nexus, opcode, cdb, data).await
             }
         }
@@ -287,6 +317,11 @@ impl LogicalUnit {
             op::WRITE_SAME_10 | op::WRITE_SAME_16 => self.write_same(cdb, &data).await,
             op::UNMAP => self.unmap(cdb, &data).await,
             op::COMPARE_AND_WRITE => self.compare_and_write(cdb, data).await,
+            op::ORWRITE => self.orwrite(cdb, data).await,
+            op::PERSISTENT_RESERVE_IN => self.persistent_reserve_in(cdb),
+            op::PERSISTENT_RESERVE_OUT => self.persistent_reserve_out(nexus, cdb, &data),
+            op::RESERVE_6 | op::RESERVE_10 => self.reserve_spc2(nexus, cdb),
+            op::RELEASE_6 | op::RELEASE_10 => self.release_spc2(nexus, cdb),
             _ => Err(ScsiError::InvalidOpcode),
         }
     }
@@ -310,7 +345,8 @@ impl LogicalUnit {
             | op::WRITE_16
             | op::WRITE_AND_VERIFY_10
             | op::WRITE_AND_VERIFY_12
-            | op::WRITE_AND_VERIFY_16 => {
+            | op::WRITE_AND_VERIFY_16
+            | op::ORWRITE => {
                 let rw = sbc::RwCdb::parse(cdb)?;
                 self.check_transfer(&rw)?;
                 Ok(u64::from(rw.blocks) * bs)
@@ -345,26 +381,43 @@ impl LogicalUnit {
                 Ok(u64::from(cdb::be16([c[7], c[8]])))
             }
             op::MODE_SELECT_6 => Ok(u64::from(cdb::fixed::<6>(cdb)?[4])),
+            op::PERSISTENT_RESERVE_OUT => {
+                let c = cdb::fixed::<10>(cdb)?;
+                Ok(u64::from(cdb::be32([c[5], c[6], c[7], c[8]])))
+            }
             _ => Ok(0),
         }
     }
 
-    /// A new I_T nexus logged in: it starts with POWER ON, RESET, OR BUS DEVICE RESET
-    /// OCCURRED (29h/00h) pending (SAM-5 §5.14: established for each I_T nexus).
+    /// Session `nexus` logged in through initiator port `initiator_port` (the I_T nexus: build
+    /// it with [`initiator_port`]). It starts with POWER ON, RESET, OR BUS DEVICE RESET
+    /// OCCURRED (29h/00h) pending (SAM-5 §5.14: established for each I_T nexus), and finds the
+    /// persistent reservation registrations of its port again (SPC-4 §5.12.4).
     ///
-    /// Unit attentions are only kept for nexuses registered here: a session that never calls
-    /// it sees none. Call [`LogicalUnit::remove_nexus`] when the session ends.
-    pub fn add_nexus(&self, nexus: u64) {
+    /// Unit attentions are only kept for sessions registered here: a session that never calls
+    /// it sees none, and its reservations belong to it alone. Call
+    /// [`LogicalUnit::remove_nexus`] when the session ends.
+    pub fn add_nexus(&self, nexus: u64, initiator_port: &str) {
         let mut st = self.lock();
         st.ua
             .insert(nexus, VecDeque::from([UnitAttention::PowerOnReset]));
+        st.ports.insert(nexus, Arc::from(initiator_port));
         self.refresh_ua_pending(&st);
     }
 
-    /// The I_T nexus is gone: forget its unit attentions.
+    /// Session `nexus` is gone (I_T nexus loss): forget its unit attentions and release an
+    /// SPC-2 reservation it held (SPC-2 §5.5.1: reservations are released on I_T nexus loss).
+    /// Persistent reservations and registrations stay (SPC-4 §5.12.4). Unknown ids are
+    /// ignored, so calling it twice is harmless.
     pub fn remove_nexus(&self, nexus: u64) {
         let mut st = self.lock();
         st.ua.remove(&nexus);
+        if let Some(port) = st.ports.remove(&nexus) {
+            // Another live session of the same port keeps the nexus (and the reservation).
+            if !st.ports.values().any(|p| *p == port) {
+                self.release_spc2_for(&mut st, Some(&port));
+            }
+        }
         self.refresh_ua_pending(&st);
     }
 
@@ -382,9 +435,15 @@ impl LogicalUnit {
     /// LOGICAL UNIT RESET (SAM-5 §6.3.3): mode parameters return to their defaults and a
     /// unit attention BUS DEVICE RESET FUNCTION OCCURRED (29h/03h) is established for every
     /// I_T nexus, the requester's included ("for all I_T nexuses" — libiscsi's
-    /// MultipathIO.Reset checks the requesting path too). Aborting tasks is the transport's job.
+    /// MultipathIO.Reset checks the requesting path too). An SPC-2 reservation is released
+    /// (SAM-5 §6.3.3; persistent reservations are kept, SPC-4 §5.12.4). Aborting tasks is the
+    /// transport's job.
     pub fn reset(&self) {
         self.wce.store(DEFAULT_WCE, Ordering::Release);
+        {
+            let mut st = self.lock();
+            self.release_spc2_for(&mut st, None);
+        }
         self.raise_unit_attention(UnitAttention::LunReset, None);
     }
 
@@ -525,8 +584,8 @@ pub mod internal {
     use crate::lun::MemStore;
 
     /// Runs `data` through a small in-memory LU: the first byte picks the CDB length (6..=16
-    /// or 32), the CDB follows, the rest is Data-Out. Asserts the result is GOOD or CHECK
-    /// CONDITION with sense.
+    /// or 32), the CDB follows, the rest is Data-Out. Asserts the result is GOOD, CHECK
+    /// CONDITION with sense, or RESERVATION CONFLICT without sense.
     pub fn fuzz_cdb(data: &[u8]) {
         let Some((&sel, rest)) = data.split_first() else {
             return;
@@ -554,7 +613,8 @@ pub mod internal {
         let r = rt.block_on(lu.execute(1, cdb, vec![payload], len));
         assert!(
             (r.status == status::GOOD && r.sense.is_none())
-                || (r.status == status::CHECK_CONDITION && r.sense.is_some()),
+                || (r.status == status::CHECK_CONDITION && r.sense.is_some())
+                || (r.status == status::RESERVATION_CONFLICT && r.sense.is_none()),
             "unexpected result {r:?}"
         );
         let r = execute_no_lun(cdb, &[0, 1]);

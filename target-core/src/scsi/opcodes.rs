@@ -31,6 +31,11 @@ const fn sa_cmd(opcode: u8, sa: u8, usage: &'static [u8]) -> Command {
     }
 }
 
+/// PERSISTENT RESERVE IN: SERVICE ACTION, ALLOCATION LENGTH.
+const PRIN_USAGE: &[u8] = &[0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0];
+/// PERSISTENT RESERVE OUT: SERVICE ACTION, SCOPE and TYPE, PARAMETER LIST LENGTH.
+const PROUT_USAGE: &[u8] = &[0x5F, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0];
+
 // The CONTROL byte is reported as 00h: NACA and LINK are refused.
 const COMMANDS: &[Command] = &[
     cmd(op::TEST_UNIT_READY, &[0x00, 0, 0, 0, 0, 0]),
@@ -39,6 +44,8 @@ const COMMANDS: &[Command] = &[
     cmd(op::WRITE_6, &[0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0]),
     cmd(op::INQUIRY, &[0x12, 0x01, 0xFF, 0xFF, 0xFF, 0]),
     cmd(op::MODE_SELECT_6, &[0x15, 0x11, 0, 0, 0xFF, 0]),
+    cmd(op::RESERVE_6, &[0x16, 0, 0, 0, 0, 0]),
+    cmd(op::RELEASE_6, &[0x17, 0, 0, 0, 0, 0]),
     cmd(op::MODE_SENSE_6, &[0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0]),
     cmd(op::START_STOP_UNIT, &[0x1B, 0x01, 0, 0x0F, 0xF7, 0]),
     cmd(op::PREVENT_ALLOW_MEDIUM_REMOVAL, &[0x1E, 0, 0, 0, 0x03, 0]),
@@ -79,10 +86,23 @@ const COMMANDS: &[Command] = &[
         op::MODE_SELECT_10,
         &[0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
     ),
+    cmd(op::RESERVE_10, &[0x56, 0x10, 0, 0, 0, 0, 0, 0, 0, 0]),
+    cmd(op::RELEASE_10, &[0x57, 0x10, 0, 0, 0, 0, 0, 0, 0, 0]),
     cmd(
         op::MODE_SENSE_10,
         &[0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0],
     ),
+    sa_cmd(op::PERSISTENT_RESERVE_IN, 0x00, PRIN_USAGE),
+    sa_cmd(op::PERSISTENT_RESERVE_IN, 0x01, PRIN_USAGE),
+    sa_cmd(op::PERSISTENT_RESERVE_IN, 0x02, PRIN_USAGE),
+    sa_cmd(op::PERSISTENT_RESERVE_IN, 0x03, PRIN_USAGE),
+    sa_cmd(op::PERSISTENT_RESERVE_OUT, 0x00, PROUT_USAGE),
+    sa_cmd(op::PERSISTENT_RESERVE_OUT, 0x01, PROUT_USAGE),
+    sa_cmd(op::PERSISTENT_RESERVE_OUT, 0x02, PROUT_USAGE),
+    sa_cmd(op::PERSISTENT_RESERVE_OUT, 0x03, PROUT_USAGE),
+    sa_cmd(op::PERSISTENT_RESERVE_OUT, 0x04, PROUT_USAGE),
+    sa_cmd(op::PERSISTENT_RESERVE_OUT, 0x05, PROUT_USAGE),
+    sa_cmd(op::PERSISTENT_RESERVE_OUT, 0x06, PROUT_USAGE),
     cmd(
         op::READ_16,
         &[
@@ -100,6 +120,13 @@ const COMMANDS: &[Command] = &[
         op::WRITE_16,
         &[
             0x8A, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+            0x1F, 0,
+        ],
+    ),
+    cmd(
+        op::ORWRITE,
+        &[
+            0x8B, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
             0x1F, 0,
         ],
     ),

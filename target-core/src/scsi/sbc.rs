@@ -1,5 +1,5 @@
 //! Block commands (SBC-3): READ, WRITE, WRITE AND VERIFY, VERIFY, WRITE SAME, UNMAP,
-//! COMPARE AND WRITE, SYNCHRONIZE CACHE, PRE-FETCH, READ CAPACITY.
+//! COMPARE AND WRITE, ORWRITE, SYNCHRONIZE CACHE, PRE-FETCH, READ CAPACITY.
 
 use bytes::Bytes;
 
@@ -179,8 +179,9 @@ impl LogicalUnit {
             .map_err(ScsiError::from_read)
     }
 
-    /// WRITE(6/10/12/16) and, with `verify`, WRITE AND VERIFY(10/12/16) (BYTCHK=0 only: the
-    /// data is written FUA, which is the verification a store can give).
+    /// WRITE(6/10/12/16) and, with `verify`, WRITE AND VERIFY(10/12/16). WRITE AND VERIFY
+    /// writes FUA (the medium verification a store can give); with BYTCHK=1 it then reads the
+    /// blocks back and compares them with the Data-Out buffer.
     pub(crate) async fn write(
         &self,
         cdb: &[u8],
@@ -189,10 +190,11 @@ impl LogicalUnit {
     ) -> Result<(), ScsiError> {
         let rw = RwCdb::parse(cdb)?;
         rw.check_no_protect()?;
-        if verify && rw.flags & 0x02 != 0 {
-            // SBC-3 §5.40 WRITE AND VERIFY(10) BYTCHK=1 compares the written data; not offered.
-            return Err(ScsiError::cdb_bit(1, 1));
-        }
+        // SBC-3 §5.40 WRITE AND VERIFY(10): "If the byte check (BYTCHK) bit is set to one,
+        // the device server shall perform a byte-by-byte comparison of the data transferred
+        // from the Data-Out Buffer with the data written to the medium", and on a miscompare
+        // terminate with "MISCOMPARE DURING VERIFY OPERATION".
+        let byte_check = verify && rw.flags & 0x02 != 0;
         // SBC-3 §6.4.1: the WP bit we report in MODE SENSE "set to one specifies that the
         // medium is write-protected"; writes end in DATA PROTECT, WRITE PROTECTED (27h/00h).
         if self.read_only {
@@ -211,10 +213,22 @@ impl LogicalUnit {
         }
         let bufs = data.take(len);
         let fua = rw.fua() || verify || !self.wce();
+        let compare = byte_check.then(|| bufs.clone());
         self.store
             .write(off, bufs, fua)
             .await
-            .map_err(ScsiError::from_write)
+            .map_err(ScsiError::from_write)?;
+        if let Some(sent) = compare {
+            let medium = self
+                .store
+                .read(off, len)
+                .await
+                .map_err(ScsiError::from_read)?;
+            if let Some(o) = first_mismatch(&medium, sent.iter().map(|b| &b[..])) {
+                return Err(ScsiError::Miscompare { offset: o as u64 });
+            }
+        }
+        Ok(())
     }
 
     /// VERIFY(10/12/16).
@@ -398,10 +412,21 @@ impl LogicalUnit {
             return Err(ScsiError::WriteProtected);
         }
         self.check_range(rw.lba, u64::from(rw.blocks))?;
-        // SBC-3 §6.5.3: "A WSNZ (write same non-zero) bit set to one indicates that the device
-        // server does not support a value of zero in the NUMBER OF LOGICAL BLOCKS field". We
-        // set WSNZ, so zero (meaning "to the end of the medium") is refused.
-        if rw.blocks == 0 || u64::from(rw.blocks) > MAX_WRITE_SAME_BLOCKS {
+        // SBC-3 §5.45: "A NUMBER OF LOGICAL BLOCKS field set to zero specifies that the device
+        // server write all the logical blocks starting with the one specified in the LOGICAL
+        // BLOCK ADDRESS field to the last logical block on the medium" (we report WSNZ=0 in
+        // the Block Limits VPD page). The LBA must then name a block: LBA OUT OF RANGE if not.
+        let blocks = if rw.blocks == 0 {
+            if rw.lba >= self.num_blocks {
+                return Err(ScsiError::LbaOutOfRange);
+            }
+            self.num_blocks - rw.lba
+        } else {
+            u64::from(rw.blocks)
+        };
+        // SBC-3 §6.5.3: more blocks than MAXIMUM WRITE SAME LENGTH (the explicit count or the
+        // rest of the medium) → INVALID FIELD IN CDB.
+        if blocks > MAX_WRITE_SAME_BLOCKS {
             return Err(ScsiError::cdb(rw.len_byte));
         }
         let bs = self.block_size as usize;
@@ -415,7 +440,7 @@ impl LogicalUnit {
             }
             Some(b)
         };
-        let (off, len) = self.byte_range(rw.lba, u64::from(rw.blocks))?;
+        let (off, len) = self.byte_range(rw.lba, blocks)?;
         let fua = !self.wce();
         match block {
             Some(b) if b.iter().any(|&x| x != 0) => {
@@ -423,7 +448,8 @@ impl LogicalUnit {
                 const CHUNK: usize = 1 << 20;
                 let per_chunk = (CHUNK / bs).max(1);
                 let mut lba_off = off;
-                let mut left = rw.blocks as usize;
+                // At most MAX_WRITE_SAME_BLOCKS (checked above): fits.
+                let mut left = blocks as usize;
                 while left > 0 {
                     let n = left.min(per_chunk);
                     let bufs = vec![b.clone(); n];
@@ -552,7 +578,7 @@ impl LogicalUnit {
         }
         let compare = data.contiguous(0, len);
         let write = data.contiguous(len, len);
-        let _guard = self.compare_and_write.lock().await;
+        let _guard = self.read_modify_write.lock().await;
         let medium = self
             .store
             .read(off, len)
@@ -568,6 +594,44 @@ impl LogicalUnit {
         let fua = flags & 0x08 != 0 || !self.wce();
         self.store
             .write(off, vec![write], fua)
+            .await
+            .map_err(ScsiError::from_write)?;
+        Ok(Bytes::new())
+    }
+}
+
+impl LogicalUnit {
+    /// ORWRITE(16) (SBC-3, "ORWRITE (16) command"), the simple form: each byte of the Data-Out buffer is ORed
+    /// into the medium. Read-modify-write under the LU's lock shared with COMPARE AND WRITE.
+    pub(crate) async fn orwrite(&self, cdb: &[u8], data: DataOut) -> Result<Bytes, ScsiError> {
+        let rw = RwCdb::parse(cdb)?;
+        // ORPROTECT (byte 1 bits 7-5): without protection information "If the ORPROTECT field
+        // is not set to 000b, ... INVALID FIELD IN CDB" (as RDPROTECT for READ).
+        rw.check_no_protect()?;
+        if self.read_only {
+            return Err(ScsiError::WriteProtected);
+        }
+        self.check_transfer(&rw)?;
+        // SBC-3 ORWRITE(16): "A TRANSFER LENGTH field set to zero specifies that no logical blocks
+        // shall be transferred. This condition shall not be considered an error."
+        let (off, want) = self.byte_range(rw.lba, u64::from(rw.blocks))?;
+        // As WRITE: only whole blocks the initiator actually sent are written.
+        let have = data.len.min(want);
+        let len = have - have % self.block_size as usize;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let mask = data.contiguous(0, len);
+        let _guard = self.read_modify_write.lock().await;
+        let medium = self
+            .store
+            .read(off, len)
+            .await
+            .map_err(ScsiError::from_read)?;
+        let merged: Vec<u8> = medium.iter().zip(mask.iter()).map(|(m, d)| m | d).collect();
+        let fua = rw.fua() || !self.wce();
+        self.store
+            .write(off, vec![Bytes::from(merged)], fua)
             .await
             .map_err(ScsiError::from_write)?;
         Ok(Bytes::new())

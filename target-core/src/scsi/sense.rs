@@ -136,6 +136,15 @@ pub enum UnitAttention {
     NexusLoss,
     /// 2Ah/01h MODE PARAMETERS CHANGED: another nexus ran MODE SELECT.
     ModeParametersChanged,
+    /// 2Ah/03h RESERVATIONS PREEMPTED: another nexus ran PERSISTENT RESERVE OUT CLEAR (or a
+    /// PREEMPT that released the reservation this nexus was registered under).
+    ReservationsPreempted,
+    /// 2Ah/04h RESERVATIONS RELEASED: a registrants-only or all-registrants persistent
+    /// reservation was released by another nexus.
+    ReservationsReleased,
+    /// 2Ah/05h REGISTRATIONS PREEMPTED: another nexus's PREEMPT removed this nexus's
+    /// registration.
+    RegistrationsPreempted,
     /// 2Ah/09h CAPACITY DATA HAS CHANGED: the store was resized.
     CapacityDataChanged,
     /// 3Fh/03h INQUIRY DATA HAS CHANGED.
@@ -152,6 +161,9 @@ impl UnitAttention {
             UnitAttention::LunReset => (0x29, 0x03),
             UnitAttention::NexusLoss => (0x29, 0x07),
             UnitAttention::ModeParametersChanged => (0x2A, 0x01),
+            UnitAttention::ReservationsPreempted => (0x2A, 0x03),
+            UnitAttention::ReservationsReleased => (0x2A, 0x04),
+            UnitAttention::RegistrationsPreempted => (0x2A, 0x05),
             UnitAttention::CapacityDataChanged => (0x2A, 0x09),
             UnitAttention::InquiryDataChanged => (0x3F, 0x03),
             UnitAttention::ReportedLunsDataChanged => (0x3F, 0x0E),
@@ -169,7 +181,9 @@ impl UnitAttention {
     }
 }
 
-/// A command failure: always CHECK CONDITION with the sense from [`ScsiError::sense`].
+/// A command failure: CHECK CONDITION with the sense from [`ScsiError::sense`], except
+/// [`ScsiError::ReservationConflict`], which is RESERVATION CONFLICT status without sense data
+/// ([`ScsiError::status`] says which).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ScsiError {
@@ -220,6 +234,18 @@ pub enum ScsiError {
     /// UNIT ATTENTION with the condition's code.
     #[error("unit attention {0:?}")]
     UnitAttention(UnitAttention),
+    /// RESERVATION CONFLICT status (SAM-5 §5.3.1), no sense data: the command conflicts with a
+    /// reservation held through another I_T nexus.
+    #[error("reservation conflict")]
+    ReservationConflict,
+    /// ILLEGAL REQUEST, 26h/04h INVALID RELEASE OF PERSISTENT RESERVATION (SPC-4 §5.12.11.2:
+    /// RELEASE by the holder with a TYPE or SCOPE that differs from the reservation's).
+    #[error("invalid release of persistent reservation")]
+    InvalidReleaseOfPersistentReservation,
+    /// ILLEGAL REQUEST, 55h/04h INSUFFICIENT REGISTRATION RESOURCES: the LU keeps no more
+    /// persistent reservation registrations.
+    #[error("insufficient registration resources")]
+    InsufficientRegistrationResources,
 }
 
 impl ScsiError {
@@ -241,7 +267,25 @@ impl ScsiError {
         ScsiError::InvalidFieldInParameterList { byte, bit: None }
     }
 
-    /// The sense data this error is reported with.
+    /// INVALID FIELD IN PARAMETER LIST pointing at `bit` of `byte`.
+    pub const fn param_bit(byte: u16, bit: u8) -> ScsiError {
+        ScsiError::InvalidFieldInParameterList {
+            byte,
+            bit: Some(bit),
+        }
+    }
+
+    /// The SCSI status this error is reported with: RESERVATION CONFLICT for
+    /// [`ScsiError::ReservationConflict`], CHECK CONDITION for everything else.
+    pub const fn status(&self) -> u8 {
+        match self {
+            ScsiError::ReservationConflict => status::RESERVATION_CONFLICT,
+            _ => status::CHECK_CONDITION,
+        }
+    }
+
+    /// The sense data this error is reported with. RESERVATION CONFLICT carries no sense
+    /// data (check [`ScsiError::status`] first); it maps to NO SENSE here.
     pub fn sense(&self) -> Sense {
         use SenseKey as K;
         match *self {
@@ -270,6 +314,13 @@ impl ScsiError {
                 Sense::new(K::ILLEGAL_REQUEST, 0x0e, 0x03)
             }
             ScsiError::UnitAttention(ua) => ua.sense(),
+            ScsiError::ReservationConflict => Sense::NO_SENSE,
+            ScsiError::InvalidReleaseOfPersistentReservation => {
+                Sense::new(K::ILLEGAL_REQUEST, 0x26, 0x04)
+            }
+            ScsiError::InsufficientRegistrationResources => {
+                Sense::new(K::ILLEGAL_REQUEST, 0x55, 0x04)
+            }
         }
     }
 

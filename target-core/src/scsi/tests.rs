@@ -146,8 +146,8 @@ async fn test_unit_ready_and_unknown_opcode() {
 #[tokio::test]
 async fn unit_attentions() {
     let lu = lu();
-    lu.add_nexus(NEXUS);
-    lu.add_nexus(OTHER);
+    lu.add_nexus(NEXUS, "iqn.test:a,i,0x000000000001");
+    lu.add_nexus(OTHER, "iqn.test:b,i,0x000000000001");
     // INQUIRY and REPORT LUNS do not report or clear it.
     good(&run(&lu, &[0x12, 0, 0, 0, 36, 0], &[]).await);
     good(&run(&lu, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]).await);
@@ -171,7 +171,12 @@ async fn unit_attentions() {
     lu.wce.store(false, Ordering::Release);
     lu.reset();
     assert!(lu.wce());
-    check(&run(&lu, &[0; 6], &[]).await, SenseKey::UNIT_ATTENTION, 0x29, 0x03);
+    check(
+        &run(&lu, &[0; 6], &[]).await,
+        SenseKey::UNIT_ATTENTION,
+        0x29,
+        0x03,
+    );
     good(&run(&lu, &[0; 6], &[]).await);
     let r = lu.execute(OTHER, &rw10(0x28, 0, 0, 1), vec![], 0).await;
     check(&r, SenseKey::UNIT_ATTENTION, 0x29, 0x03);
@@ -230,9 +235,11 @@ async fn read_write_round_trip_all_sizes() {
     good(&run(&lu, &[0x0A, 0, 0, 2, 1, 0], &d2).await);
     let r = run(&lu, &rw10(0x28, 0, 0, 3), &[]).await;
     assert_eq!(&r.data_in[..], &[d2.clone(), d2.clone(), d2].concat()[..]);
-    // WRITE AND VERIFY(10), BYTCHK refused.
+    // WRITE AND VERIFY(10), without and with BYTCHK (write, read back, compare).
     good(&run(&lu, &rw10(0x2E, 0, 5, 1), &data[..512]).await);
-    invalid_cdb(&run(&lu, &rw10(0x2E, 0x02, 5, 1), &data[..512]).await);
+    good(&run(&lu, &rw10(0x2E, 0x02, 6, 1), &data[512..1024]).await);
+    let r = run(&lu, &rw10(0x28, 0, 5, 2), &[]).await;
+    assert_eq!(&r.data_in[..], &data[..1024]);
 }
 
 #[tokio::test]
@@ -410,12 +417,18 @@ async fn write_same() {
         .data_in
         .iter()
         .all(|&b| b == 0));
-    // ANCHOR without ANC_SUP, zero blocks (WSNZ), reserved bit, beyond the end.
+    // ANCHOR without ANC_SUP, reserved bit, beyond the end.
     invalid_cdb(&run(&lu, &rw10(0x41, 0x10, 0, 1), &block).await);
     invalid_cdb(&run(&lu, &rw10(0x41, 0x18, 0, 1), &block).await);
-    invalid_cdb(&run(&lu, &rw10(0x41, 0, 0, 0), &block).await);
     invalid_cdb(&run(&lu, &rw10(0x41, 0x01, 0, 1), &block).await);
     oob(&run(&lu, &rw10(0x41, 0, 1024, 1), &block).await);
+    // Zero blocks (WSNZ=0): from the LBA to the end of the medium; the LBA must exist.
+    good(&run(&lu, &rw10(0x41, 0, 1020, 0), &block).await);
+    let r = run(&lu, &rw10(0x28, 0, 1019, 5), &[]).await;
+    assert!(r.data_in[..512].iter().all(|&b| b == 0));
+    assert_eq!(&r.data_in[512..], &block.repeat(4)[..]);
+    good(&run(&lu, &rw16(0x93, 0, 1023, 0), &block).await);
+    oob(&run(&lu, &rw10(0x41, 0, 1024, 0), &block).await);
     oob(&run(&lu, &rw10(0x41, 0, 1025, 0), &block).await);
     oob(&run(&lu, &rw10(0x41, 0, u32::MAX, 0), &block).await);
     oob(&run(&lu, &rw16(0x93, 0, u64::MAX, 1), &block).await);
@@ -645,7 +658,7 @@ async fn inquiry_standard_and_vpd() {
     assert!(d.windows(port.len()).any(|w| w == port));
     let d = vpd(0xB0).await;
     assert_eq!(d.len(), 64);
-    assert_eq!(d[4] & 1, 1, "WSNZ");
+    assert_eq!(d[4] & 1, 0, "WSNZ");
     assert_eq!(
         u32::from_be_bytes([d[8], d[9], d[10], d[11]]),
         MAX_TRANSFER_BYTES / 512
@@ -730,8 +743,8 @@ async fn mode_sense() {
 #[tokio::test]
 async fn mode_select() {
     let lu = lu();
-    lu.add_nexus(NEXUS);
-    lu.add_nexus(OTHER);
+    lu.add_nexus(NEXUS, "iqn.test:a,i,0x000000000001");
+    lu.add_nexus(OTHER, "iqn.test:b,i,0x000000000001");
     let _ = run(&lu, &[0; 6], &[]).await;
     let _ = lu.execute(OTHER, &[0; 6], vec![], 0).await;
     // Take what MODE SENSE(10) returns, clear WCE, send it back (as sdparm does).
@@ -974,7 +987,7 @@ proptest! {
             cdb[0] = known;
         }
         let lu = lu_with(64, 512, ro);
-        lu.add_nexus(NEXUS);
+        lu.add_nexus(NEXUS, "iqn.test:a,i,0x000000000001");
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let _ = lu.data_out_length(&cdb);
         for _ in 0..2 {
@@ -987,4 +1000,47 @@ proptest! {
         let r = execute_no_lun(&cdb, &[0, 5]);
         prop_assert!(r.status == status::GOOD || r.status == status::CHECK_CONDITION);
     }
+}
+
+#[tokio::test]
+async fn orwrite() {
+    // libiscsi OrWrite.Verify: zeros | A5 = A5, then | 5A = FF.
+    let lu = lu();
+    for (lba, n) in [(0u64, 1u32), (0, 7), (1024 - 3, 3)] {
+        let len = n as usize * 512;
+        let cdb = rw16(0x8A, 0, lba, n);
+        good(&run(&lu, &cdb, &vec![0; len]).await);
+        let or = rw16(0x8B, 0, lba, n);
+        assert_eq!(lu.data_out_length(&or), Ok(len as u64));
+        good(&run(&lu, &or, &vec![0xA5; len]).await);
+        let r = run(&lu, &rw16(0x88, 0, lba, n), &[]).await;
+        assert!(r.data_in.iter().all(|&b| b == 0xA5));
+        // DPO and FUA accepted (OrWrite.DpoFua).
+        good(&run(&lu, &rw16(0x8B, 0x18, lba, n), &vec![0x5A; len]).await);
+        let r = run(&lu, &rw16(0x88, 0, lba, n), &[]).await;
+        assert!(r.data_in.iter().all(|&b| b == 0xFF));
+    }
+    // A pattern ORed over a pattern.
+    let a = pattern(1024, 1);
+    let b = pattern(1024, 2);
+    good(&run(&lu, &rw16(0x8A, 0, 50, 2), &a).await);
+    good(&run(&lu, &rw16(0x8B, 0, 50, 2), &b).await);
+    let r = run(&lu, &rw16(0x88, 0, 50, 2), &[]).await;
+    let want: Vec<u8> = a.iter().zip(&b).map(|(x, y)| x | y).collect();
+    assert_eq!(&r.data_in[..], &want[..]);
+    // Zero blocks (OrWrite.ZeroBlocks), beyond the end (OrWrite.BeyondEol), ORPROTECT
+    // without protection information (OrWrite.Protect).
+    good(&run(&lu, &rw16(0x8B, 0, 0, 0), &[]).await);
+    oob(&run(&lu, &rw16(0x8B, 0, 1024, 1), &[0; 512]).await);
+    oob(&run(&lu, &rw16(0x8B, 0, u64::MAX, 1), &[0; 512]).await);
+    for protect in 1..8u8 {
+        invalid_cdb(&run(&lu, &rw16(0x8B, protect << 5, 0, 1), &[0; 512]).await);
+    }
+    let ro = lu_with(16, 512, true);
+    check(
+        &run(&ro, &rw16(0x8B, 0, 0, 1), &[0; 512]).await,
+        SenseKey::DATA_PROTECT,
+        0x27,
+        0,
+    );
 }
