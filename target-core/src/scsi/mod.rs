@@ -73,6 +73,8 @@ pub const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 128;
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 4095;
 /// BLOCK LIMITS MAXIMUM UNMAP LBA COUNT: FFFF_FFFFh means no limit (SBC-3 §6.5.3).
 pub const MAX_UNMAP_LBA_COUNT: u32 = u32::MAX;
+/// Most Data-Out bytes solicited for PERSISTENT RESERVE OUT.
+const MAX_PR_OUT_PARAMETER_LIST: u64 = 4096;
 /// Pending unit attentions kept per I_T nexus; older non-reset ones are dropped beyond this.
 const MAX_PENDING_UA: usize = 8;
 
@@ -382,8 +384,12 @@ impl LogicalUnit {
             }
             op::MODE_SELECT_6 => Ok(u64::from(cdb::fixed::<6>(cdb)?[4])),
             op::PERSISTENT_RESERVE_OUT => {
+                // Only the 24-byte basic parameter list is accepted (pr.rs): solicit no more
+                // than a small bound of a larger PARAMETER LIST LENGTH, which then ends in
+                // PARAMETER LIST LENGTH ERROR without buffering gigabytes first.
                 let c = cdb::fixed::<10>(cdb)?;
-                Ok(u64::from(cdb::be32([c[5], c[6], c[7], c[8]])))
+                let len = u64::from(cdb::be32([c[5], c[6], c[7], c[8]]));
+                Ok(len.min(MAX_PR_OUT_PARAMETER_LIST))
             }
             _ => Ok(0),
         }

@@ -629,3 +629,18 @@ async fn registration_limit() {
         0x04,
     );
 }
+
+#[tokio::test]
+async fn prout_data_out_is_bounded() {
+    let lu = lu().await;
+    assert_eq!(
+        lu.data_out_length(&prout_cdb(REGISTER, 0, u32::MAX)),
+        Ok(4096)
+    );
+    check(
+        &run(&lu, A, &prout_cdb(REGISTER, 0, u32::MAX), &[0; 4096]).await,
+        SenseKey::ILLEGAL_REQUEST,
+        0x1A,
+        0,
+    );
+}
