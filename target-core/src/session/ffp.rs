@@ -214,7 +214,15 @@ impl Conn {
                         }
                     }
                     Ok(None) => break,
-                    Err(e) => self.decode_error(e).await?,
+                    Err(e) => {
+                        // The offending BHS is still at the front of the buffer (framing
+                        // errors are found before the PDU is consumed).
+                        let mut bhs = [0u8; BHS_LEN];
+                        if let Some(front) = rbuf.get(..BHS_LEN) {
+                            bhs.copy_from_slice(front);
+                        }
+                        self.decode_error(e, bhs).await?
+                    }
                 }
             }
             tokio::select! {
@@ -310,7 +318,13 @@ impl Conn {
         self.reject(reason, &bhs).await;
     }
 
-    async fn decode_error(&mut self, e: DecodeError) -> Result<(), ConnectionError> {
+    /// `bhs` is the header at the front of the receive buffer when the error was found (the
+    /// rejected PDU's header for framing errors).
+    async fn decode_error(
+        &mut self,
+        e: DecodeError,
+        bhs: [u8; BHS_LEN],
+    ) -> Result<(), ConnectionError> {
         warn!(peer = %self.peer, error = %e, "bad PDU");
         match (e.action(), e) {
             (ConnectionAction::Reject(reason), DecodeError::DataDigest { header, .. }) => {
@@ -330,9 +344,9 @@ impl Conn {
             }
             _ => {
                 if let DecodeError::DataSegmentTooLong { .. } = e {
-                    // RFC 7143 §13.12 violation: tell the initiator why before closing.
-                    self.reject(RejectReason::PROTOCOL_ERROR, &[0u8; BHS_LEN])
-                        .await;
+                    // RFC 7143 §13.12 violation: tell the initiator why before closing. The
+                    // Reject carries "the complete header of the PDU being rejected" (§11.17).
+                    self.reject(RejectReason::PROTOCOL_ERROR, &bhs).await;
                     self.flush().await;
                 }
                 Err(ConnectionError::Decode(e))
@@ -615,7 +629,11 @@ impl Conn {
         };
         let mut r2ts = Vec::new();
         if task.refuse.is_none() {
-            while task.solicited_to < target_len && (task.r2ts.len() as u32) < max_r2t {
+            // RFC 7143 §13.17: MaxOutstandingR2T is "the maximum number of outstanding R2Ts
+            // per task": count the ones about to be sent too.
+            while task.solicited_to < target_len
+                && ((task.r2ts.len() + r2ts.len()) as u32) < max_r2t
+            {
                 let offset = task.solicited_to;
                 let len = (target_len - offset).min(max_burst);
                 r2ts.push((offset, len));

@@ -1,0 +1,1 @@
+//! Memory bounds on write data.
