@@ -64,6 +64,11 @@ use cdb::op;
 /// Largest single READ/WRITE/VERIFY transfer, in bytes (BLOCK LIMITS MAXIMUM TRANSFER LENGTH
 /// is this divided by the block size).
 pub const MAX_TRANSFER_BYTES: u32 = 16 * 1024 * 1024;
+/// BLOCK LIMITS WSNZ (SBC-3 §6.5.3): WRITE SAME with NUMBER OF LOGICAL BLOCKS zero is refused.
+/// With `false` zero means "to the end of the medium"; that makes libiscsi's
+/// WriteSame{10,16}.ZeroBlocks pass but WriteSame{10,16}.UnmapUntilEnd fail (it sends 0xFF data
+/// with UNMAP=1 and expects the blocks to read back zero, i.e. deallocation whatever the data).
+pub const WRITE_SAME_NON_ZERO: bool = true;
 /// BLOCK LIMITS MAXIMUM WRITE SAME LENGTH, in blocks.
 pub const MAX_WRITE_SAME_BLOCKS: u64 = 1 << 22;
 /// BLOCK LIMITS MAXIMUM COMPARE AND WRITE LENGTH, in blocks.

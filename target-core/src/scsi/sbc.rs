@@ -6,7 +6,7 @@ use bytes::Bytes;
 use super::cdb::{self, be16, be24, be32, be64, op};
 use super::{
     DataOut, LogicalUnit, ScsiError, MAX_COMPARE_AND_WRITE_BLOCKS, MAX_UNMAP_DESCRIPTORS,
-    MAX_WRITE_SAME_BLOCKS,
+    MAX_WRITE_SAME_BLOCKS, WRITE_SAME_NON_ZERO,
 };
 
 /// The LBA and length fields shared by the READ/WRITE/VERIFY/WRITE SAME/PRE-FETCH/
@@ -417,6 +417,12 @@ impl LogicalUnit {
         // BLOCK ADDRESS field to the last logical block on the medium" (we report WSNZ=0 in
         // the Block Limits VPD page). The LBA must then name a block: LBA OUT OF RANGE if not.
         let blocks = if rw.blocks == 0 {
+            // SBC-3 §6.5.3: "A WSNZ (write same non-zero) bit set to one indicates that the
+            // device server does not support a value of zero in the NUMBER OF LOGICAL BLOCKS
+            // field"; such a command ends in INVALID FIELD IN CDB.
+            if WRITE_SAME_NON_ZERO {
+                return Err(ScsiError::cdb(rw.len_byte));
+            }
             if rw.lba >= self.num_blocks {
                 return Err(ScsiError::LbaOutOfRange);
             }

@@ -156,8 +156,8 @@ impl LogicalUnit {
 
     fn block_limits(&self, d: &mut Vec<u8>) {
         d.resize(64, 0);
-        // WSNZ=0: WRITE SAME with zero blocks writes to the end of the medium (SBC-3 §6.5.3,
-        // §5.45), within MAXIMUM WRITE SAME LENGTH.
+        // WSNZ (SBC-3 §6.5.3): see WRITE_SAME_NON_ZERO.
+        d[4] = u8::from(super::WRITE_SAME_NON_ZERO);
         d[5] = MAX_COMPARE_AND_WRITE_BLOCKS;
         // OPTIMAL TRANSFER LENGTH GRANULARITY: one block.
         d[6..8].copy_from_slice(&1u16.to_be_bytes());

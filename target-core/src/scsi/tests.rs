@@ -422,13 +422,19 @@ async fn write_same() {
     invalid_cdb(&run(&lu, &rw10(0x41, 0x18, 0, 1), &block).await);
     invalid_cdb(&run(&lu, &rw10(0x41, 0x01, 0, 1), &block).await);
     oob(&run(&lu, &rw10(0x41, 0, 1024, 1), &block).await);
-    // Zero blocks (WSNZ=0): from the LBA to the end of the medium; the LBA must exist.
-    good(&run(&lu, &rw10(0x41, 0, 1020, 0), &block).await);
-    let r = run(&lu, &rw10(0x28, 0, 1019, 5), &[]).await;
-    assert!(r.data_in[..512].iter().all(|&b| b == 0));
-    assert_eq!(&r.data_in[512..], &block.repeat(4)[..]);
-    good(&run(&lu, &rw16(0x93, 0, 1023, 0), &block).await);
-    oob(&run(&lu, &rw10(0x41, 0, 1024, 0), &block).await);
+    if WRITE_SAME_NON_ZERO {
+        // Zero blocks refused (WSNZ=1); beyond-the-end LBAs still report the range first.
+        invalid_cdb(&run(&lu, &rw10(0x41, 0, 0, 0), &block).await);
+        invalid_cdb(&run(&lu, &rw16(0x93, 0, 1023, 0), &block).await);
+    } else {
+        // Zero blocks (WSNZ=0): from the LBA to the end of the medium; the LBA must exist.
+        good(&run(&lu, &rw10(0x41, 0, 1020, 0), &block).await);
+        let r = run(&lu, &rw10(0x28, 0, 1019, 5), &[]).await;
+        assert!(r.data_in[..512].iter().all(|&b| b == 0));
+        assert_eq!(&r.data_in[512..], &block.repeat(4)[..]);
+        good(&run(&lu, &rw16(0x93, 0, 1023, 0), &block).await);
+        oob(&run(&lu, &rw10(0x41, 0, 1024, 0), &block).await);
+    }
     oob(&run(&lu, &rw10(0x41, 0, 1025, 0), &block).await);
     oob(&run(&lu, &rw10(0x41, 0, u32::MAX, 0), &block).await);
     oob(&run(&lu, &rw16(0x93, 0, u64::MAX, 1), &block).await);
@@ -658,7 +664,7 @@ async fn inquiry_standard_and_vpd() {
     assert!(d.windows(port.len()).any(|w| w == port));
     let d = vpd(0xB0).await;
     assert_eq!(d.len(), 64);
-    assert_eq!(d[4] & 1, 0, "WSNZ");
+    assert_eq!(d[4] & 1, u8::from(WRITE_SAME_NON_ZERO), "WSNZ");
     assert_eq!(
         u32::from_be_bytes([d[8], d[9], d[10], d[11]]),
         MAX_TRANSFER_BYTES / 512
