@@ -7,8 +7,14 @@
 //! - [`api`]: the resources (`Target`, `InitiatorGroup`, `InitiatorGroupBinding`), their
 //!   specs and statuses, and the standalone-file forms in [`api::document`].
 //! - [`crds`] and friends: what the `crdgen` binary prints into `deploy/crds/`.
+//! - [`initiator_group`]: the operator's controller (status from Nodes) and its pure core.
+//! - [`lease`]: leader election on a `coordination.k8s.io` Lease.
+//! - [`telemetry`]: `/healthz`, `/readyz` and `/metrics` for the operator and the node agent.
 
 pub mod api;
+pub mod initiator_group;
+pub mod lease;
+pub mod telemetry;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
