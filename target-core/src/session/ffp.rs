@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +59,52 @@ struct WriteTask {
     /// Outstanding R2Ts: (TTT, offset, length, next expected offset, next DataSN).
     r2ts: VecDeque<R2tState>,
     r2t_sn: u32,
+    /// Bytes of the session's solicitation budget this write holds (see [`WriteBudget`]);
+    /// `None` until it is admitted and may be sent R2Ts.
+    reserved: Option<u64>,
+}
+
+/// The session's bound on write data held in memory.
+///
+/// RFC 7143 bounds what one task may have in flight (FirstBurstLength unsolicited, §13.14;
+/// MaxOutstandingR2T bursts of MaxBurstLength solicited, §13.17), and the command window bounds
+/// the tasks (§4.2.2.1), but a write keeps what it received until it executes. So writes are
+/// admitted to solicitation in arrival order, each reserving everything it still has to
+/// solicit, while the reservations fit in queue_depth × MaxBurstLength × MaxOutstandingR2T;
+/// with the unsolicited data (at most queue_depth × FirstBurstLength) a session holds at most
+/// queue_depth × (FirstBurstLength + MaxBurstLength × MaxOutstandingR2T) bytes. A reservation
+/// ends when the command has been answered.
+///
+/// # Caveats
+/// A single write larger than the whole budget is admitted when it would be alone, so that it
+/// can complete; it is bounded by the LU's MAXIMUM TRANSFER LENGTH instead.
+struct WriteBudget {
+    limit: u64,
+    reserved: u64,
+    /// Writes waiting for admission, oldest first.
+    waiting: VecDeque<Itt>,
+}
+
+/// A command executing in its own task.
+struct Running {
+    lun: Lun,
+    handle: JoinHandle<()>,
+    /// Tells this execution's [`TaskEvent::Done`] from a later command reusing the ITT.
+    seq: u64,
+    /// Set once the command's slot in the window has been given back (by the task when it
+    /// answers, or by an abort) so that it is given back exactly once.
+    answered: Arc<AtomicBool>,
+    /// Bytes of the [`WriteBudget`] it holds.
+    reserved: u64,
+}
+
+impl Running {
+    /// Gives the command's window slot back unless that already happened.
+    fn release_slot(&self, counters: &Counters) {
+        if !self.answered.swap(true, Ordering::AcqRel) {
+            counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 struct R2tState {
@@ -77,7 +123,8 @@ struct Residual {
 
 /// Events from command tasks back to the connection.
 enum TaskEvent {
-    Done(Itt),
+    /// The execution `seq` of `Itt` finished and its response was queued.
+    Done(Itt, u64),
 }
 
 struct Conn {
@@ -91,7 +138,9 @@ struct Conn {
     counters: Arc<Counters>,
     events_tx: mpsc::UnboundedSender<TaskEvent>,
     /// Commands executing, by ITT.
-    running: HashMap<Itt, (Lun, JoinHandle<()>)>,
+    running: HashMap<Itt, Running>,
+    next_seq: u64,
+    write_budget: WriteBudget,
     /// Write commands collecting data, by ITT.
     writes: HashMap<Itt, WriteTask>,
     /// Solicited transfers: TTT -> ITT.
@@ -152,6 +201,9 @@ pub(super) async fn run(
         (None, None)
     };
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let ctx_queue_depth = ctx.options.queue_depth.max(1);
+    let params_max_burst = params.max_burst_length.max(512);
+    let params_max_r2t = params.max_outstanding_r2t.max(1);
     let mut conn = Conn {
         ctx,
         params,
@@ -163,6 +215,14 @@ pub(super) async fn run(
         counters,
         events_tx,
         running: HashMap::new(),
+        next_seq: 0,
+        write_budget: WriteBudget {
+            limit: u64::from(ctx_queue_depth)
+                * u64::from(params_max_burst)
+                * u64::from(params_max_r2t),
+            reserved: 0,
+            waiting: VecDeque::new(),
+        },
         writes: HashMap::new(),
         ttts: HashMap::new(),
         next_ttt: 1,
@@ -232,7 +292,7 @@ impl Conn {
                         return Ok(());
                     }
                 }
-                Some(ev) = events.recv() => self.task_event(ev),
+                Some(ev) = events.recv() => self.task_event(ev).await,
                 _ = cancel.cancelled() => {
                     let reason = self.handle.as_ref().and_then(|h| h.end_reason());
                     self.end_by_target(reason.unwrap_or(EndReason::Shutdown)).await;
@@ -247,12 +307,71 @@ impl Conn {
         }
     }
 
-    fn task_event(&mut self, ev: TaskEvent) {
+    async fn task_event(&mut self, ev: TaskEvent) {
         match ev {
-            TaskEvent::Done(itt) => {
-                self.running.remove(&itt);
+            TaskEvent::Done(itt, seq) => {
+                if self.running.get(&itt).is_some_and(|r| r.seq == seq) {
+                    self.forget_running(itt);
+                    self.admit_writes().await;
+                }
             }
         }
+    }
+
+    /// Drops the bookkeeping of an executing command (after it finished or was aborted),
+    /// returning its window slot and write budget.
+    fn forget_running(&mut self, itt: Itt) -> Option<JoinHandle<()>> {
+        let r = self.running.remove(&itt)?;
+        r.release_slot(&self.counters);
+        self.write_budget.reserved -= r.reserved;
+        Some(r.handle)
+    }
+
+    /// Drops a write that is still collecting data, returning its window slot and budget.
+    fn forget_write(&mut self, itt: Itt) -> Option<WriteTask> {
+        let w = self.writes.remove(&itt)?;
+        for r in &w.r2ts {
+            self.ttts.remove(&r.ttt);
+        }
+        self.write_budget.waiting.retain(|i| *i != itt);
+        self.write_budget.reserved -= w.reserved.unwrap_or(0);
+        self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+        Some(w)
+    }
+
+    /// Admits waiting writes to solicitation in arrival order while the budget allows (see
+    /// [`WriteBudget`]), and sends their R2Ts.
+    async fn admit_writes(&mut self) {
+        loop {
+            let admitted = self.admit_batch();
+            if admitted.is_empty() {
+                return;
+            }
+            // Advancing may end writes (refused ones give their budget back): go round again.
+            for itt in admitted {
+                self.advance_write(itt).await;
+            }
+        }
+    }
+
+    fn admit_batch(&mut self) -> Vec<Itt> {
+        let mut admitted = Vec::new();
+        while let Some(&itt) = self.write_budget.waiting.front() {
+            let Some(task) = self.writes.get_mut(&itt) else {
+                self.write_budget.waiting.pop_front();
+                continue;
+            };
+            let need = u64::from(task.wanted.saturating_sub(task.solicited_to));
+            let budget = &mut self.write_budget;
+            if budget.reserved > 0 && budget.reserved + need > budget.limit {
+                break;
+            }
+            budget.reserved += need;
+            budget.waiting.pop_front();
+            task.reserved = Some(need);
+            admitted.push(itt);
+        }
+        admitted
     }
 
     async fn keepalive(&mut self) -> Result<(), ConnectionError> {
@@ -444,6 +563,12 @@ impl Conn {
             return true;
         }
         let (exp, max) = self.counters.window();
+        // A closed window (MaxCmdSN = ExpCmdSN - 1) admits nothing, not even ExpCmdSN: this
+        // is what caps the commands (and their buffers) at the queue depth.
+        if !(exp.le(cmd_sn) && cmd_sn.le(max)) {
+            debug!(cmd_sn = %cmd_sn, exp = %exp, max = %max, "CmdSN outside window; ignored");
+            return false;
+        }
         if cmd_sn == exp {
             self.counters
                 .exp_cmd_sn
@@ -492,6 +617,16 @@ impl Conn {
     }
 
     async fn scsi_command(&mut self, cmd: ScsiCommand, pdu: Pdu) -> Result<(), ConnectionError> {
+        if self
+            .running
+            .get(&cmd.itt)
+            .is_some_and(|r| r.answered.load(Ordering::Acquire))
+        {
+            // The earlier command with this tag has been answered (its Done event is still on
+            // the way): the tag is free again (RFC 7143 §11.2.1.6).
+            self.forget_running(cmd.itt);
+            self.admit_writes().await;
+        }
         if self.running.contains_key(&cmd.itt) || self.writes.contains_key(&cmd.itt) {
             // RFC 7143 §11.2.1.6: the ITT "uniquely identifies the task"; a duplicate tag is a
             // protocol error.
@@ -540,7 +675,7 @@ impl Conn {
             return self.start_write(cmd, cdb, lu, pdu.data).await;
         }
         // Read or no-data command: run it now.
-        self.spawn_command(cmd, cdb, lu, Vec::new(), None);
+        self.spawn_command(cmd, cdb, lu, Vec::new(), None, 0);
         Ok(())
     }
 
@@ -604,14 +739,21 @@ impl Conn {
             solicited_to: unsolicited_total,
             r2ts: VecDeque::new(),
             r2t_sn: 0,
+            reserved: None,
         };
         if imm_len > 0 {
             task.received = imm_len;
             task.bufs.push(immediate);
         }
         let itt = task.cmd.itt;
+        let solicits = task.refuse.is_none() && task.solicited_to < task.wanted;
         self.writes.insert(itt, task);
-        self.advance_write(itt).await;
+        if solicits {
+            self.write_budget.waiting.push_back(itt);
+        } else {
+            self.advance_write(itt).await;
+        }
+        self.admit_writes().await;
         Ok(())
     }
 
@@ -628,7 +770,7 @@ impl Conn {
             task.wanted
         };
         let mut r2ts = Vec::new();
-        if task.refuse.is_none() {
+        if task.refuse.is_none() && task.reserved.is_some() {
             // RFC 7143 §13.17: MaxOutstandingR2T is "the maximum number of outstanding R2Ts
             // per task": count the ones about to be sent too.
             while task.solicited_to < target_len
@@ -642,6 +784,7 @@ impl Conn {
         }
         let done_unsolicited = task.unsolicited_left == 0;
         let complete = done_unsolicited
+            && (task.refuse.is_some() || task.solicited_to >= target_len)
             && task.r2ts.is_empty()
             && r2ts.is_empty()
             && (task.refuse.is_some() || task.received >= task.wanted);
@@ -649,9 +792,12 @@ impl Conn {
             let Some(task) = self.writes.remove(&itt) else {
                 return;
             };
+            self.write_budget.waiting.retain(|i| *i != itt);
+            let reserved = task.reserved.unwrap_or(0);
             let ndata_sn = task.r2t_sn;
             match task.refuse {
                 Some((err, residual)) => {
+                    self.write_budget.reserved -= reserved;
                     self.respond_error(&task.cmd, err, residual, ndata_sn).await;
                 }
                 None => {
@@ -664,6 +810,7 @@ impl Conn {
                         task.lu,
                         bufs,
                         Some((ndata_sn, task.residual)),
+                        reserved,
                     );
                 }
             }
@@ -774,6 +921,8 @@ impl Conn {
             task.bufs.push(pdu.data);
         }
         self.advance_write(d.itt).await;
+        // A finished or refused write may have given budget back.
+        self.admit_writes().await;
         Ok(())
     }
 
@@ -784,8 +933,13 @@ impl Conn {
         lu: Option<Arc<LogicalUnit>>,
         data_out: Vec<Bytes>,
         write: Option<(u32, Residual)>,
+        reserved: u64,
     ) {
         let out = self.out.clone();
+        let answered = Arc::new(AtomicBool::new(false));
+        let task_answered = answered.clone();
+        let seq = self.next_seq;
+        self.next_seq += 1;
         let counters = self.counters.clone();
         let events = self.events_tx.clone();
         let nexus = self.handle.as_ref().map(|h| h.id).unwrap_or(0);
@@ -808,11 +962,22 @@ impl Conn {
             };
             probe.finish(&result, data_out_len);
             let pdus = build_response(&cmd, result, max_seg, max_burst, write);
-            counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+            if !task_answered.swap(true, Ordering::AcqRel) {
+                counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+            }
             let _ = out.send(Out::Pdus(pdus)).await;
-            let _ = events.send(TaskEvent::Done(itt));
+            let _ = events.send(TaskEvent::Done(itt, seq));
         });
-        self.running.insert(itt, (lun, handle));
+        self.running.insert(
+            itt,
+            Running {
+                lun,
+                handle,
+                seq,
+                answered,
+                reserved,
+            },
+        );
     }
 
     async fn respond_error(
@@ -868,18 +1033,19 @@ impl Conn {
             tmf::ABORT_TASK => {
                 let referenced = t.referenced_task_tag;
                 let mut found = false;
-                if let Some((_, h)) = self.running.remove(&referenced) {
+                // A command already answered is not aborted (its slot is given back once).
+                let answered = self
+                    .running
+                    .get(&referenced)
+                    .is_some_and(|r| r.answered.load(Ordering::Acquire));
+                if let Some(h) = self.forget_running(referenced) {
                     h.abort();
-                    self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+                    found = !answered;
+                }
+                if self.forget_write(referenced).is_some() {
                     found = true;
                 }
-                if let Some(w) = self.writes.remove(&referenced) {
-                    for r in w.r2ts {
-                        self.ttts.remove(&r.ttt);
-                    }
-                    self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
-                    found = true;
-                }
+                self.admit_writes().await;
                 if found {
                     tmf_response::COMPLETE
                 } else {
@@ -926,6 +1092,8 @@ impl Conn {
             tmf::TASK_REASSIGN => tmf_response::REASSIGNMENT_NOT_SUPPORTED,
             _ => tmf_response::REJECTED,
         };
+        // Aborted writes gave their budget back.
+        self.admit_writes().await;
         self.send(Pdu::new(
             Header::TaskMgmtResponse(TaskMgmtResponse {
                 response,
@@ -949,13 +1117,12 @@ impl Conn {
         let running: Vec<Itt> = self
             .running
             .iter()
-            .filter(|(_, (l, _))| pred(*l))
+            .filter(|(_, r)| pred(r.lun))
             .map(|(i, _)| *i)
             .collect();
         for itt in running {
-            if let Some((_, h)) = self.running.remove(&itt) {
+            if let Some(h) = self.forget_running(itt) {
                 h.abort();
-                self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
             }
         }
         let writes: Vec<Itt> = self
@@ -965,12 +1132,7 @@ impl Conn {
             .map(|(i, _)| *i)
             .collect();
         for itt in writes {
-            if let Some(w) = self.writes.remove(&itt) {
-                for r in w.r2ts {
-                    self.ttts.remove(&r.ttt);
-                }
-                self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
-            }
+            self.forget_write(itt);
         }
     }
 
@@ -1108,9 +1270,9 @@ impl Conn {
     /// Waits for running commands to finish, up to `limit`.
     async fn drain(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        for (_, (_, h)) in self.running.drain() {
+        for (_, r) in self.running.drain() {
             let left = deadline.saturating_duration_since(Instant::now());
-            let mut h = h;
+            let mut h = r.handle;
             if tokio::time::timeout(left, &mut h).await.is_err() {
                 h.abort();
             }
@@ -1145,8 +1307,8 @@ impl Conn {
     }
 
     async fn finish(&mut self) {
-        for (_, (_, h)) in self.running.drain() {
-            h.abort();
+        for (_, r) in self.running.drain() {
+            r.handle.abort();
         }
         self.writes.clear();
         let (tx, _rx) = tokio::sync::oneshot::channel();

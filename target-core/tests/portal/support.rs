@@ -222,6 +222,8 @@ pub struct Initiator {
     pub cmd_sn: Sn,
     /// ExpStatSN: one past the last StatSN seen.
     pub exp_stat_sn: Sn,
+    /// The latest MaxCmdSN the target announced.
+    pub max_cmd_sn: Sn,
     next_itt: u32,
     /// The negotiated keys as the target answered them.
     pub negotiated: Vec<(String, String)>,
@@ -239,6 +241,7 @@ impl Initiator {
             codec: Codec::default(),
             cmd_sn: Sn(1),
             exp_stat_sn: Sn(0),
+            max_cmd_sn: Sn(0),
             next_itt: 0x100,
             negotiated: Vec::new(),
             login_response: None,
@@ -321,6 +324,22 @@ impl Initiator {
     }
 
     fn track(&mut self, p: &Pdu) {
+        let max = match &p.header {
+            Header::ScsiResponse(h) => Some(h.max_cmd_sn),
+            Header::DataIn(h) => Some(h.max_cmd_sn),
+            Header::R2t(h) => Some(h.max_cmd_sn),
+            Header::TaskMgmtResponse(h) => Some(h.max_cmd_sn),
+            Header::TextResponse(h) => Some(h.max_cmd_sn),
+            Header::NopIn(h) => Some(h.max_cmd_sn),
+            Header::LoginResponse(h) => Some(h.max_cmd_sn),
+            _ => None,
+        };
+        if let Some(m) = max {
+            // RFC 7143 §4.2.2.1: MaxCmdSN never moves backwards (in serial arithmetic).
+            if m.gt(self.max_cmd_sn) || self.max_cmd_sn == Sn(0) {
+                self.max_cmd_sn = m;
+            }
+        }
         let sn = match &p.header {
             Header::ScsiResponse(h) => Some(h.stat_sn),
             Header::DataIn(h) if h.status_present => Some(h.stat_sn),

@@ -156,3 +156,28 @@ async fn immediate_command_does_not_advance_exp_cmd_sn() {
     let r = i.exec(0, &tur(), 0).await.response.unwrap();
     assert_eq!(r.exp_cmd_sn, exp.add(1));
 }
+
+/// RFC 7143 §4.2.2.1: "MaxCmdSN ... ExpCmdSN - 1 ... indicates to the initiator that the
+/// target cannot accept new commands" — and commands outside [ExpCmdSN, MaxCmdSN] are
+/// ignored, so a closed window holds even for CmdSN == ExpCmdSN.
+#[tokio::test]
+async fn closed_window_ignores_command_at_exp_cmd_sn() {
+    let mut o = options();
+    o.queue_depth = 2;
+    let t = Target::start_with(state([target(TARGET, &[0])]), o).await;
+    let mut i = t
+        .login_with(&Login::normal(TARGET).key("ImmediateData", "No"))
+        .await;
+    i.clear_ua(0).await;
+    // Two writes waiting for data fill the window.
+    for lba in [0, 8] {
+        let c = i.command(0, &write10(lba, 8), 4096, Dir::Write, Bytes::new());
+        i.send(&c).await;
+        let p = i.recv().await;
+        assert!(matches!(p.header, Header::R2t(_)), "{p:?}");
+    }
+    assert_eq!(i.max_cmd_sn, i.cmd_sn.add(u32::MAX), "window closed");
+    let c = i.command(0, &tur(), 0, Dir::None, Bytes::new());
+    i.send(&c).await;
+    i.expect_silence(Duration::from_millis(300)).await;
+}
