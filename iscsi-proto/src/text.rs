@@ -462,7 +462,9 @@ pub fn encode_base64(data: &[u8]) -> String {
 /// Decodes RFC 4648 base64, padding optional. `None` on bad characters or lengths.
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
     let trimmed = s.trim_end_matches('=');
-    if s.len() - trimmed.len() > 2 || trimmed.len() % 4 == 1 {
+    // RFC 7143 §6.1: base64-constant is "0b" or "0B" "followed by 1 or more digits or letters
+    // or plus or slash or equals"; an empty value ("0b", "0b==") is not a binary value.
+    if trimmed.is_empty() || s.len() - trimmed.len() > 2 || trimmed.len() % 4 == 1 {
         return None;
     }
     let mut out = Vec::with_capacity(trimmed.len() * 3 / 4);
@@ -644,7 +646,8 @@ mod tests {
         fn base64_round_trips(data in proptest::collection::vec(any::<u8>(), 0..64)) {
             let enc = encode_base64(&data);
             if data.is_empty() {
-                prop_assert_eq!(decode_binary(&enc, 64), Ok(vec![]));
+                // "0b" has no digits: not a base64-constant (RFC 7143 §6.1), like "0x".
+                prop_assert_eq!(decode_binary(&enc, 64), Err(ValueError::BadBinary));
             } else {
                 prop_assert_eq!(decode_binary(&enc, 64).unwrap(), data.clone());
             }
