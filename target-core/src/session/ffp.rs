@@ -323,7 +323,7 @@ impl Conn {
     fn forget_running(&mut self, itt: Itt) -> Option<JoinHandle<()>> {
         let r = self.running.remove(&itt)?;
         r.release_slot(&self.counters);
-        self.write_budget.reserved -= r.reserved;
+        self.write_budget.reserved = self.write_budget.reserved.saturating_sub(r.reserved);
         Some(r.handle)
     }
 
@@ -334,7 +334,10 @@ impl Conn {
             self.ttts.remove(&r.ttt);
         }
         self.write_budget.waiting.retain(|i| *i != itt);
-        self.write_budget.reserved -= w.reserved.unwrap_or(0);
+        self.write_budget.reserved = self
+            .write_budget
+            .reserved
+            .saturating_sub(w.reserved.unwrap_or(0));
         self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
         Some(w)
     }
@@ -797,7 +800,8 @@ impl Conn {
             let ndata_sn = task.r2t_sn;
             match task.refuse {
                 Some((err, residual)) => {
-                    self.write_budget.reserved -= reserved;
+                    self.write_budget.reserved =
+                        self.write_budget.reserved.saturating_sub(reserved);
                     self.respond_error(&task.cmd, err, residual, ndata_sn).await;
                 }
                 None => {
