@@ -15,6 +15,8 @@ pub mod api;
 pub mod initiator_group;
 pub mod lease;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
