@@ -1,9 +1,10 @@
 //! Checks of `deploy/`: the kustomization renders, the committed CRDs are what the API types
 //! generate, the examples validate against the CRD schemas, and RBAC stays least-privilege.
 //!
-//! Schema validation uses the `jsonschema` crate on each CRD's `openAPIV3Schema`. It checks
-//! types, required fields, patterns, ranges and enums; it does not run the CEL rules
-//! (`x-kubernetes-validations`), nor Kubernetes' list-map uniqueness: the API server does.
+//! Schema validation uses the `jsonschema` crate on each CRD's `openAPIV3Schema` (types,
+//! required fields, patterns, ranges, enums) and kube's client-side CEL validator for the
+//! `x-kubernetes-validations` rules. Not checked here: Kubernetes' list-map uniqueness, CEL
+//! cost limits and structural-schema rules, which only an API server applies.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -120,7 +121,7 @@ fn committed_crds_match_the_api_types() {
 }
 
 /// Validators for the kinds of the API group, from the committed CRDs.
-struct Schemas(Vec<(String, jsonschema::Validator)>);
+struct Schemas(Vec<(String, Value, jsonschema::Validator)>);
 
 impl Schemas {
     fn load() -> Self {
@@ -131,7 +132,7 @@ impl Schemas {
                 let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
                 let validator = jsonschema::validator_for(schema)
                     .unwrap_or_else(|e| panic!("schema of {kind}: {e}"));
-                out.push((kind, validator));
+                out.push((kind, schema.clone(), validator));
             }
         }
         Schemas(out)
@@ -143,17 +144,26 @@ impl Schemas {
             return None;
         }
         let kind = object["kind"].as_str().unwrap_or("");
-        let (_, validator) = self
+        let (_, schema, validator) = self
             .0
             .iter()
-            .find(|(k, _)| k == kind)
+            .find(|(k, _, _)| k == kind)
             .unwrap_or_else(|| panic!("no CRD for kind {kind}"));
-        Some(
-            validator
-                .iter_errors(object)
-                .map(|e| format!("{}: {e}", e.instance_path()))
-                .collect(),
-        )
+        let mut errors: Vec<String> = validator
+            .iter_errors(object)
+            .map(|e| format!("{}: {e}", e.instance_path()))
+            .collect();
+        if errors.is_empty() {
+            // CEL rules assume a schema-valid object.
+            if let Err(cel) = kube::core::cel::Validator::new().validate(schema, object, None) {
+                errors.extend(
+                    cel.into_vec()
+                        .into_iter()
+                        .map(|e| format!("CEL {}: {} ({})", e.field_path, e.message, e.rule)),
+                );
+            }
+        }
+        Some(errors)
     }
 }
 
@@ -234,6 +244,26 @@ fn schemas_reject_what_the_api_server_must_refuse() {
             json!({"iqn": "iqn.2020-06.x.y:t", "luns": [{"lun": 1, "bsType": "memory", "size": "1 GB"}]}),
         ),
         (
+            "CEL: memory without size",
+            json!({"iqn": "iqn.2020-06.x.y:t", "luns": [{"lun": 1, "bsType": "memory"}]}),
+        ),
+        (
+            "CEL: memory with a backing store",
+            json!({"iqn": "iqn.2020-06.x.y:t", "luns": [{"lun": 1, "bsType": "memory", "size": "1Mi", "backingStore": "/a"}]}),
+        ),
+        (
+            "CEL: file LUN without backing store",
+            json!({"iqn": "iqn.2020-06.x.y:t", "luns": [{"lun": 1, "bsType": "aio"}]}),
+        ),
+        (
+            "CEL: default bsType without backing store",
+            json!({"iqn": "iqn.2020-06.x.y:t", "luns": [{"lun": 1}]}),
+        ),
+        (
+            "CEL: nodeName and targetNodeName",
+            json!({"iqn": "iqn.2020-06.x.y:t", "nodeName": "a", "targetNodeName": "a"}),
+        ),
+        (
             "chap without secret name",
             json!({"iqn": "iqn.2020-06.x.y:t", "chap": {"secretRef": {"name": ""}}}),
         ),
@@ -246,6 +276,14 @@ fn schemas_reject_what_the_api_server_must_refuse() {
         "metadata": {"name": "g"},
         "spec": {"initiatorNameStrategy": {"type": "AnnotationKey"}}});
     assert!(!schemas.errors(&group).unwrap().is_empty(), "strategy enum");
+    let group = json!({"apiVersion": "tgtd.unstable.cloud/v1alpha1", "kind": "InitiatorGroup",
+        "metadata": {"name": "g"},
+        "spec": {"initiatorNameStrategy": {"type": "Annotation"}}});
+    let errors = schemas.errors(&group).unwrap();
+    assert!(
+        errors.iter().any(|e| e.contains("annotationKey")),
+        "{errors:?}"
+    );
     let binding = json!({"apiVersion": "tgtd.unstable.cloud/v1alpha1",
         "kind": "InitiatorGroupBinding", "metadata": {"name": "b"},
         "spec": {"targetRef": {"name": "t"}}});
