@@ -1,3 +1,9 @@
 //! ktgt node agent library.
+//!
+//! # Layout
+//! - [`config`]: the API objects and the pure computation of the desired state (shared by
+//!   both modes).
+//! - [`kube`]: cluster mode: watches, the Target reconciler, status, metrics.
 
 pub mod config;
+pub mod kube;

@@ -1,4 +1,5 @@
-//! `ktgt-agent`: the node agent. `standalone` serves the targets a YAML file describes.
+//! `ktgt-agent`: the node agent. `standalone` serves the targets a YAML file describes;
+//! `kubernetes` serves the Targets of one node, configured from the Kubernetes API.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -63,6 +64,19 @@ enum Command {
         #[arg(long, short = 'c')]
         config: PathBuf,
     },
+    /// Serve the Targets whose spec.nodeName is this node, from the Kubernetes API (kubeconfig,
+    /// or the in-cluster service account). Reports status and Events on each Target.
+    /// SIGTERM/SIGINT stop gracefully (Targets keep their finalizer: this node still owns them).
+    Kubernetes {
+        /// This node's name, as Targets name it in spec.nodeName. Defaults to $NODE_NAME.
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Address of the /healthz, /readyz and /metrics HTTP server.
+        #[arg(long, default_value = "0.0.0.0:9100")]
+        metrics_addr: SocketAddr,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -111,6 +125,17 @@ fn main() -> anyhow::Result<()> {
         Command::Standalone { config, serve } => {
             let source = config.map(Source::File).unwrap_or(Source::Embedded);
             rt.block_on(standalone(source, serve))
+        }
+        Command::Kubernetes {
+            node_name,
+            metrics_addr,
+            serve,
+        } => {
+            let node = match node_name.or_else(|| std::env::var("NODE_NAME").ok()) {
+                Some(n) if !n.is_empty() => n,
+                _ => anyhow::bail!("--node-name (or $NODE_NAME) is required"),
+            };
+            rt.block_on(kubernetes(node, metrics_addr, serve))
         }
         Command::Check { config } => {
             let desired = load(&Source::File(config))?;
@@ -180,14 +205,29 @@ fn log_report(report: &ApplyReport) {
     }
 }
 
+impl ServeArgs {
+    fn engine(&self) -> Engine {
+        match self.engine {
+            EngineArg::Auto => Engine::Auto,
+            EngineArg::Uring => Engine::Uring,
+            EngineArg::Threadpool => Engine::ThreadPool,
+        }
+    }
+
+    fn session_options(&self) -> SessionOptions {
+        SessionOptions {
+            queue_depth: self.queue_depth.max(1),
+            nop_interval: Duration::from_secs(self.nop_interval.max(1)),
+            nop_timeout: Duration::from_secs(self.nop_timeout.max(2)),
+            ..SessionOptions::default()
+        }
+    }
+}
+
 async fn standalone(source: Source, args: ServeArgs) -> anyhow::Result<()> {
     let desired = load(&source).with_context(|| format!("invalid configuration: {source}"))?;
     let table = TargetTable::new();
-    table.set_engine(match args.engine {
-        EngineArg::Auto => Engine::Auto,
-        EngineArg::Uring => Engine::Uring,
-        EngineArg::Threadpool => Engine::ThreadPool,
-    });
+    table.set_engine(args.engine());
     let report = table.apply(&desired).await;
     log_report(&report);
     if !report.errors.is_empty() {
@@ -195,12 +235,7 @@ async fn standalone(source: Source, args: ServeArgs) -> anyhow::Result<()> {
             "some LUNs could not be opened (see above); refusing to start half-configured"
         );
     }
-    let options = SessionOptions {
-        queue_depth: args.queue_depth.max(1),
-        nop_interval: Duration::from_secs(args.nop_interval.max(1)),
-        nop_timeout: Duration::from_secs(args.nop_timeout.max(2)),
-        ..SessionOptions::default()
-    };
+    let options = args.session_options();
     let portal = Portal::bind(&args.listen, table.clone(), options, args.max_connections).await?;
     let shutdown = CancellationToken::new();
     let serve = tokio::spawn(portal.serve(shutdown.clone()));
@@ -234,4 +269,62 @@ async fn reload(source: &Source, table: &Arc<TargetTable>) {
         }
         Err(e) => warn!("configuration not reloaded, keeping the current one: {e:#}"),
     }
+}
+
+/// Cluster mode: the portal, the telemetry server and the Target controller, until
+/// SIGTERM/SIGINT.
+async fn kubernetes(node: String, metrics_addr: SocketAddr, args: ServeArgs) -> anyhow::Result<()> {
+    use ktgt_agent::kube as cluster;
+    use ktgt_operator::telemetry::{self, Readiness, ReconcileMetrics, TelemetryServer};
+
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (kubeconfig or in-cluster service account)")?;
+    let table = TargetTable::new();
+    table.set_engine(args.engine());
+
+    let mut registry = telemetry::registry();
+    let metrics = ReconcileMetrics::register(&mut registry);
+    registry.register_collector(Box::new(cluster::metrics::AgentCollector::new(
+        table.clone(),
+    )));
+    let readiness = Readiness::new(&[cluster::READY_INITIAL_SYNC, cluster::READY_PORTAL]);
+    let server = TelemetryServer::bind(metrics_addr, registry, readiness.clone()).await?;
+    info!(addr = %server.local_addr()?, "serving /healthz, /readyz and /metrics");
+    let shutdown = CancellationToken::new();
+    let telemetry_task = tokio::spawn(server.serve(shutdown.clone()));
+
+    let portal = Portal::bind(
+        &args.listen,
+        table.clone(),
+        args.session_options(),
+        args.max_connections,
+    )
+    .await?;
+    readiness.set(cluster::READY_PORTAL, true);
+    let serve = tokio::spawn(portal.serve(shutdown.clone()));
+    let controller = tokio::spawn(cluster::run(
+        client,
+        node.clone(),
+        table.clone(),
+        metrics,
+        readiness,
+        shutdown.clone(),
+    ));
+    info!(node = %node, listen = ?args.listen, "ktgt-agent (kubernetes) started");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    info!("shutting down: no new connections; finishing in-flight commands");
+    shutdown.cancel();
+    let _ = serve.await;
+    let _ = controller.await;
+    let _ = telemetry_task.await;
+    table.flush_all().await;
+    info!("stores flushed; exiting");
+    Ok(())
 }

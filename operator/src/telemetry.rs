@@ -371,9 +371,11 @@ mod tests {
     /// One HTTP/1.0-style GET over a fresh connection; returns (status, body).
     async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut buf = String::new();
         s.read_to_string(&mut buf).await.unwrap();
         let status = buf
@@ -416,11 +418,15 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains(r#"ktgt_reconcile_errors_total{controller="target",reason="ApiError"} 1"#),
+            text.contains(
+                r#"ktgt_reconcile_errors_total{controller="target",reason="ApiError"} 1"#
+            ),
             "{text}"
         );
         assert!(
-            text.contains(r#"ktgt_reconcile_duration_seconds_count{controller="target",outcome="Error"} 1"#),
+            text.contains(
+                r#"ktgt_reconcile_duration_seconds_count{controller="target",outcome="Error"} 1"#
+            ),
             "{text}"
         );
     }

@@ -1,0 +1,303 @@
+//! The Target reconciler: finalizer, node-wide sync, status, events.
+//!
+//! # Flow (kube-runtime's finalizer helper)
+//! 1. A Target of this node without the finalizer gets it (one JSON patch); nothing else.
+//! 2. `Apply`: sync the node ([`Syncer::sync`]), compute the Target's status from the result,
+//!    patch `/status` if it differs, publish an Event when `Ready` changes.
+//! 3. `Cleanup` (the Target is being deleted): sync the node; the Target is left out, so
+//!    `apply` removes it from the table, which ends its sessions (Asynchronous Message, then
+//!    close) without waiting for the initiators. Then the helper removes the finalizer.
+//!    Cleanup does not depend on Apply having run.
+//!
+//! Targets of other nodes are ignored: never patched, not even their finalizer (the agent of
+//! the node they name owns it, under the same finalizer name).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ktgt_operator::api::{Target, TargetStatus, TARGET_FINALIZER};
+use ktgt_operator::telemetry::ReconcileMetrics;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{self, finalizer};
+use kube::{Api, Client, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use super::status::{self, NodeView};
+use super::sync::{Stores, Syncer};
+
+/// Name of this controller in metrics and Events.
+pub const CONTROLLER: &str = "target";
+/// `reportingController` of the agent's Events.
+pub const REPORTER: &str = "ktgt-agent";
+/// Resync period of a served Target (catches changes no watch reports, such as a backing
+/// file appearing).
+const RESYNC: Duration = Duration::from_secs(300);
+/// Recheck period of a Target that is not fully served.
+const RETRY_FAILED: Duration = Duration::from_secs(30);
+
+/// Everything a reconcile needs.
+pub struct Context {
+    pub client: Client,
+    pub stores: Stores,
+    pub syncer: Syncer,
+    pub recorder: Recorder,
+    pub metrics: ReconcileMetrics,
+    /// Consecutive failures per Target name, for the error policy's backoff.
+    failures: std::sync::Mutex<HashMap<String, u32>>,
+    /// The clock for `lastTransitionTime` (fixed in tests).
+    now: fn() -> String,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        stores: Stores,
+        syncer: Syncer,
+        metrics: ReconcileMetrics,
+        reporter_instance: Option<String>,
+    ) -> Context {
+        let recorder = Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: REPORTER.to_owned(),
+                instance: reporter_instance,
+            },
+        );
+        Context {
+            client,
+            stores,
+            syncer,
+            recorder,
+            metrics,
+            failures: Default::default(),
+            now: now_rfc3339,
+        }
+    }
+
+    /// Uses `now` as the clock (tests).
+    pub fn with_clock(mut self, now: fn() -> String) -> Context {
+        self.now = now;
+        self
+    }
+
+    /// Runs the node-wide sync.
+    pub async fn sync(&self) -> Arc<NodeView> {
+        self.syncer.sync(&self.stores).await
+    }
+}
+
+/// The current time, RFC 3339 with seconds (as `metav1.Time`).
+pub fn now_rfc3339() -> String {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    k8s_openapi::jiff::Timestamp::from_second(now.as_second())
+        .unwrap_or(now)
+        .to_string()
+}
+
+/// Reconcile errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("patching the status of Target {name}: {source}")]
+    PatchStatus {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("adding the finalizer: {0}")]
+    AddFinalizer(#[source] kube::Error),
+    #[error("removing the finalizer: {0}")]
+    RemoveFinalizer(#[source] kube::Error),
+    #[error("the Target has no name")]
+    Unnamed,
+    #[error("invalid finalizer name")]
+    InvalidFinalizer,
+}
+
+impl Error {
+    /// Stable label for `ktgt_reconcile_errors_total{reason}`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::PatchStatus { .. } => "PatchStatus",
+            Error::AddFinalizer(_) => "AddFinalizer",
+            Error::RemoveFinalizer(_) => "RemoveFinalizer",
+            Error::Unnamed => "Unnamed",
+            Error::InvalidFinalizer => "InvalidFinalizer",
+        }
+    }
+
+    fn from_finalizer(e: finalizer::Error<Error>) -> Error {
+        match e {
+            finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+            finalizer::Error::AddFinalizer(e) => Error::AddFinalizer(e),
+            finalizer::Error::RemoveFinalizer(e) => Error::RemoveFinalizer(e),
+            finalizer::Error::UnnamedObject => Error::Unnamed,
+            finalizer::Error::InvalidFinalizer => Error::InvalidFinalizer,
+        }
+    }
+}
+
+/// Whether `target` is served by this node.
+pub fn is_ours(target: &Target, node: &str) -> bool {
+    target.spec.node_name.as_deref() == Some(node)
+}
+
+/// Reconciles one Target (see the module docs).
+pub async fn reconcile(target: Arc<Target>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !is_ours(&target, ctx.syncer.node()) {
+        return Ok(Action::await_change());
+    }
+    let started = Instant::now();
+    let name = target.name_any();
+    let api: Api<Target> = Api::all(ctx.client.clone());
+    let result = finalizer(&api, TARGET_FINALIZER, target, |event| async {
+        match event {
+            finalizer::Event::Apply(t) => apply(&t, &ctx, &api).await,
+            finalizer::Event::Cleanup(t) => cleanup(&t, &ctx).await,
+        }
+    })
+    .await
+    .map_err(Error::from_finalizer);
+    ctx.metrics.record(
+        CONTROLLER,
+        started.elapsed(),
+        result.as_ref().err().map(Error::metric_label),
+    );
+    if result.is_ok() {
+        ctx.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&name);
+    }
+    result
+}
+
+/// Requeue after a failed reconcile: exponential per Target, 1 s to 5 min.
+pub fn error_policy(target: Arc<Target>, error: &Error, ctx: Arc<Context>) -> Action {
+    let name = target.name_any();
+    let n = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = failures.entry(name.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = Duration::from_secs(1u64 << n.min(9)).min(Duration::from_secs(300));
+    warn!(target_name = %name, error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn apply(target: &Target, ctx: &Context, api: &Api<Target>) -> Result<Action, Error> {
+    let name = target.name_any();
+    let view = ctx.sync().await;
+    let status = status::target_status(target, &view, &(ctx.now)());
+    if target.status.as_ref() != Some(&status) {
+        patch_status(api, &name, &status).await?;
+    }
+    publish_transition(ctx, target, target.status.as_ref(), &status).await;
+    let ready = status::ready_condition(Some(&status)).is_some_and(|c| c.status == "True");
+    Ok(Action::requeue(if ready { RESYNC } else { RETRY_FAILED }))
+}
+
+/// Replaces `/status` whole: a merge patch would leave fields the new status no longer has
+/// (an `observedState` of a Target that stopped being served, a removed ACL entry).
+async fn patch_status(api: &Api<Target>, name: &str, status: &TargetStatus) -> Result<(), Error> {
+    let value = serde_json::to_value(status).unwrap_or_default();
+    let patch = json_patch::Patch(vec![json_patch::PatchOperation::Add(
+        json_patch::AddOperation {
+            path: json_patch::jsonptr::PointerBuf::from_tokens(["status"]),
+            value,
+        },
+    )]);
+    api.patch_status(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .map_err(|source| Error::PatchStatus {
+            name: name.to_owned(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// An Event when the Ready condition changes status or reason.
+async fn publish_transition(
+    ctx: &Context,
+    target: &Target,
+    old: Option<&TargetStatus>,
+    new: &TargetStatus,
+) {
+    let old = status::ready_condition(old);
+    let Some(new) = status::ready_condition(Some(new)) else {
+        return;
+    };
+    if old.is_some_and(|o| o.status == new.status && o.reason == new.reason) {
+        return;
+    }
+    let (type_, reason) = match new.status.as_str() {
+        "True" => (EventType::Normal, "Served".to_owned()),
+        "False" => (
+            EventType::Warning,
+            new.reason.clone().unwrap_or_else(|| "Failed".to_owned()),
+        ),
+        _ => return,
+    };
+    publish(
+        ctx,
+        target,
+        Event {
+            type_,
+            reason,
+            note: new.message.clone(),
+            action: "Serve".to_owned(),
+            secondary: None,
+        },
+    )
+    .await;
+}
+
+async fn cleanup(target: &Target, ctx: &Context) -> Result<Action, Error> {
+    let iqn = &target.spec.iqn;
+    let sessions = ctx
+        .syncer
+        .table()
+        .target(iqn)
+        .map(|t| t.sessions().len())
+        .unwrap_or(0);
+    // The Target has a deletionTimestamp, so the sync leaves it out and `apply` removes it,
+    // ending its sessions; it does not wait for initiators to log out.
+    let view = ctx.sync().await;
+    let still_served = view
+        .served
+        .get(iqn)
+        .is_some_and(|s| s.name == target.name_any());
+    if still_served {
+        // Cannot happen for a Target with a deletionTimestamp; keep the finalizer if it does.
+        warn!(target_name = %target.name_any(), "still served after cleanup");
+    }
+    info!(target_name = %target.name_any(), target_iqn = %iqn, sessions, "Target removed");
+    publish(
+        ctx,
+        target,
+        Event {
+            type_: EventType::Normal,
+            reason: "Removed".to_owned(),
+            note: Some(format!(
+                "stopped serving {iqn}; {sessions} session(s) logged out"
+            )),
+            action: "Cleanup".to_owned(),
+            secondary: None,
+        },
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// Events are best effort: a failure is logged, never fails the reconcile.
+async fn publish(ctx: &Context, target: &Target, event: Event) {
+    let reference = target.object_ref(&());
+    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+        warn!(target_name = %target.name_any(), error = %e, reason = %event.reason,
+            "publishing an Event failed");
+    }
+}

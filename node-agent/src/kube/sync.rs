@@ -1,0 +1,478 @@
+//! The node-wide sync: reflector stores -> [`Objects`] -> desired state for this node ->
+//! [`TargetTable::apply`] -> [`NodeView`].
+//!
+//! Every Target of the node shares one table, so there is one sync, not one per Target: any
+//! change (a Target, a group, a binding, a Secret) recomputes the whole desired state with the
+//! same pure functions the standalone mode uses, and `apply` changes only what differs. That
+//! is what makes revocation immediate (a deleted binding or group drops out of the ACL and
+//! `apply` ends the sessions the new ACL refuses) and a restart exact (the table is rebuilt
+//! from the API objects alone).
+//!
+//! Targets being deleted (`metadata.deletionTimestamp` set) are left out, so the sync run by a
+//! finalizer's cleanup removes them from the table.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::Secret;
+use ktgt_operator::api::{document, InitiatorGroup, InitiatorGroupBinding, Target};
+use kube::runtime::reflector::Store;
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::{Api, Client};
+use target_core::config::DesiredState;
+use target_core::table::TargetTable;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use super::status::{condition_reason, LunFailure, NodeView, ServedTarget};
+use crate::config::{self, Objects, DEFAULT_NAMESPACE};
+
+/// How long a sync waits for a newly watched namespace's Secrets to be listed before it
+/// computes without them (the Target then reports `ChapSecretMissing` until they arrive).
+const SECRET_LIST_WAIT: Duration = Duration::from_secs(10);
+/// How often LUNs that failed to open are retried while nothing else changes.
+const OPEN_RETRY: Duration = Duration::from_secs(30);
+
+/// The reflector stores the sync reads.
+#[derive(Clone)]
+pub struct Stores {
+    pub targets: Store<Target>,
+    pub groups: Store<InitiatorGroup>,
+    pub bindings: Store<InitiatorGroupBinding>,
+    pub secrets: Arc<SecretStores>,
+}
+
+impl Stores {
+    /// Waits until the Target, InitiatorGroup and InitiatorGroupBinding stores have been
+    /// listed once: computing from a partial list would serve partial ACLs.
+    pub async fn wait_until_ready(&self) {
+        // An error means the writer was dropped (shutdown); the stores then stay as they are.
+        let _ = self.targets.wait_until_ready().await;
+        let _ = self.groups.wait_until_ready().await;
+        let _ = self.bindings.wait_until_ready().await;
+    }
+}
+
+/// Secrets, watched per namespace: only the namespaces that this node's Targets reference in
+/// `spec.chap`, so the agent needs no cluster-wide Secret access.
+pub struct SecretStores {
+    /// `None` in tests: the stores are given, nothing is watched.
+    client: Option<Client>,
+    changes: Arc<Notify>,
+    watched: std::sync::Mutex<BTreeMap<String, Watched>>,
+}
+
+struct Watched {
+    store: Store<Secret>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl SecretStores {
+    /// Watches namespaces on demand with `client`, notifying `changes` on every event.
+    pub fn new(client: Client, changes: Arc<Notify>) -> SecretStores {
+        SecretStores {
+            client: Some(client),
+            changes,
+            watched: Default::default(),
+        }
+    }
+
+    /// Fixed stores by namespace (tests).
+    pub fn fixed(stores: BTreeMap<String, Store<Secret>>) -> SecretStores {
+        SecretStores {
+            client: None,
+            changes: Arc::new(Notify::new()),
+            watched: std::sync::Mutex::new(
+                stores
+                    .into_iter()
+                    .map(|(ns, store)| (ns, Watched { store, task: None }))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Starts watching the namespaces in `wanted` not watched yet and stops watching the
+    /// others; waits (bounded) for new namespaces' first list.
+    async fn ensure(&self, wanted: &BTreeSet<String>) {
+        let Some(client) = &self.client else {
+            return;
+        };
+        let mut started = Vec::new();
+        {
+            let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+            watched.retain(|ns, w| {
+                let keep = wanted.contains(ns);
+                if !keep {
+                    if let Some(task) = &w.task {
+                        task.abort();
+                    }
+                    debug!(namespace = %ns, "no longer watching Secrets");
+                }
+                keep
+            });
+            for ns in wanted {
+                if watched.contains_key(ns) {
+                    continue;
+                }
+                let (store, writer) = reflector::store();
+                let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+                let changes = self.changes.clone();
+                let namespace = ns.clone();
+                let task = tokio::spawn(async move {
+                    use futures::StreamExt;
+                    let stream = reflector(writer, watcher(api, watcher::Config::default()))
+                        .default_backoff();
+                    futures::pin_mut!(stream);
+                    while let Some(event) = stream.next().await {
+                        match event {
+                            Ok(_) => changes.notify_one(),
+                            Err(e) => warn!(namespace = %namespace, error = %e,
+                                "watching Secrets failed; retrying"),
+                        }
+                    }
+                });
+                info!(namespace = %ns, "watching Secrets for CHAP");
+                started.push(store.clone());
+                watched.insert(
+                    ns.clone(),
+                    Watched {
+                        store,
+                        task: Some(task),
+                    },
+                );
+            }
+        }
+        for store in started {
+            let _ = tokio::time::timeout(SECRET_LIST_WAIT, store.wait_until_ready()).await;
+        }
+    }
+
+    /// Every watched Secret, in the resolver's form.
+    fn snapshot(&self) -> Vec<document::Secret> {
+        let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<document::Secret> = watched
+            .values()
+            .flat_map(|w| w.store.state())
+            .map(|s| secret_document(&s))
+            .collect();
+        out.sort_by(|a, b| {
+            (&a.metadata.namespace, &a.metadata.name)
+                .cmp(&(&b.metadata.namespace, &b.metadata.name))
+        });
+        out
+    }
+}
+
+impl Drop for SecretStores {
+    fn drop(&mut self) {
+        let watched = self.watched.get_mut().unwrap_or_else(|e| e.into_inner());
+        for w in watched.values() {
+            if let Some(task) = &w.task {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// A core Secret as the resolver reads it (`data` base64-encoded, as in YAML).
+pub fn secret_document(s: &Secret) -> document::Secret {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    document::Secret {
+        api_version: "v1".to_owned(),
+        kind: "Secret".to_owned(),
+        metadata: (&s.metadata).into(),
+        type_: s.type_.clone(),
+        data: s
+            .data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), b64.encode(&v.0)))
+            .collect(),
+        string_data: s.string_data.clone().unwrap_or_default(),
+        immutable: s.immutable,
+    }
+}
+
+/// The API objects the desired state of `node` depends on, from `targets` (all nodes'),
+/// oldest first so the first Target to claim an IQN keeps it. Targets being deleted are left
+/// out.
+pub fn objects(
+    targets: &[Arc<Target>],
+    groups: &[Arc<InitiatorGroup>],
+    bindings: &[Arc<InitiatorGroupBinding>],
+    secrets: Vec<document::Secret>,
+) -> Objects {
+    let mut targets: Vec<&Arc<Target>> = targets
+        .iter()
+        .filter(|t| t.metadata.deletion_timestamp.is_none())
+        .collect();
+    targets.sort_by(|a, b| {
+        let key = |t: &Target| {
+            (
+                t.metadata.creation_timestamp.clone(),
+                t.metadata.name.clone(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    let mut groups: Vec<document::InitiatorGroup> = groups.iter().map(|g| (&**g).into()).collect();
+    groups.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut bindings: Vec<document::InitiatorGroupBinding> =
+        bindings.iter().map(|b| (&**b).into()).collect();
+    bindings.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    Objects {
+        targets: targets.into_iter().map(|t| (&**t).into()).collect(),
+        initiator_groups: groups,
+        bindings,
+        secrets,
+    }
+}
+
+/// Namespaces of the Secrets this node's Targets reference.
+fn secret_namespaces(targets: &[Arc<Target>], node: &str) -> BTreeSet<String> {
+    targets
+        .iter()
+        .filter(|t| t.spec.node_name.as_deref() == Some(node))
+        .filter_map(|t| t.spec.chap.as_ref())
+        .flat_map(|c| std::iter::once(&c.secret_ref).chain(c.mutual_secret_ref.as_ref()))
+        .map(|r| {
+            r.namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned())
+        })
+        .collect()
+}
+
+/// Small stable numbers per IQN (tgtd's `tid`), for `status.observedState.tid`. A number is
+/// kept while its IQN is served and reused from the Target's status after a restart when
+/// free, so it survives restarts too.
+#[derive(Debug, Default)]
+pub struct Tids {
+    by_iqn: BTreeMap<String, i32>,
+}
+
+impl Tids {
+    /// The number of `iqn`, allocating `hint` if free, else the lowest free one (from 1).
+    pub fn assign(&mut self, iqn: &str, hint: Option<i32>) -> i32 {
+        if let Some(&tid) = self.by_iqn.get(iqn) {
+            return tid;
+        }
+        let used: BTreeSet<i32> = self.by_iqn.values().copied().collect();
+        let tid = match hint {
+            Some(h) if h > 0 && !used.contains(&h) => h,
+            _ => (1..).find(|n| !used.contains(n)).unwrap_or(1),
+        };
+        self.by_iqn.insert(iqn.to_owned(), tid);
+        tid
+    }
+
+    /// Frees the numbers of IQNs for which `keep` is false.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.by_iqn.retain(|iqn, _| keep(iqn));
+    }
+}
+
+/// Serialises syncs and remembers what was applied.
+pub struct Syncer {
+    node: String,
+    table: Arc<TargetTable>,
+    state: tokio::sync::Mutex<SyncState>,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// The desired state last handed to `apply` (after backing store checks).
+    applied: Option<DesiredState>,
+    applied_at: Option<Instant>,
+    /// LUNs that failed to open at the last `apply`.
+    open_failures: BTreeMap<(String, u16), LunFailure>,
+    tids: Tids,
+    view: Arc<NodeView>,
+}
+
+impl Syncer {
+    pub fn new(node: impl Into<String>, table: Arc<TargetTable>) -> Syncer {
+        Syncer {
+            node: node.into(),
+            table,
+            state: Default::default(),
+        }
+    }
+
+    /// The node this syncer serves.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The table it applies to.
+    pub fn table(&self) -> &Arc<TargetTable> {
+        &self.table
+    }
+
+    /// The view of the last sync.
+    pub async fn last_view(&self) -> Arc<NodeView> {
+        self.state.lock().await.view.clone()
+    }
+
+    /// Recomputes the desired state from `stores` and applies it if it differs from the last
+    /// one applied (or some LUN failed to open a while ago). Idempotent and cheap when
+    /// nothing changed.
+    pub async fn sync(&self, stores: &Stores) -> Arc<NodeView> {
+        stores.wait_until_ready().await;
+        let targets = stores.targets.state();
+        stores
+            .secrets
+            .ensure(&secret_namespaces(&targets, &self.node))
+            .await;
+        let objects = objects(
+            &targets,
+            &stores.groups.state(),
+            &stores.bindings.state(),
+            stores.secrets.snapshot(),
+        );
+
+        let mut state = self.state.lock().await;
+        let resolved = config::desired_state_for_node(&objects, Some(&self.node));
+        let mut desired = resolved.state;
+        let mut lun_failures = BTreeMap::new();
+        for e in config::check_backing_stores(&desired) {
+            if let Some(t) = desired.targets.get_mut(&e.iqn) {
+                t.luns.remove(&e.lun);
+            }
+            lun_failures.insert(
+                (e.iqn.clone(), e.lun),
+                LunFailure {
+                    reason: condition_reason(&e.problem),
+                    message: e.problem.to_string(),
+                },
+            );
+        }
+
+        let retry_opens = !state.open_failures.is_empty()
+            && state.applied_at.is_none_or(|at| at.elapsed() >= OPEN_RETRY);
+        if state.applied.as_ref() != Some(&desired) || retry_opens {
+            let report = self.table.apply(&desired).await;
+            log_report(&report);
+            state.open_failures = report
+                .errors
+                .iter()
+                .flat_map(|(iqn, errs)| {
+                    errs.iter().map(move |e| {
+                        (
+                            (iqn.clone(), e.lun),
+                            LunFailure {
+                                reason: "LUNOpenFailed",
+                                message: e.error.to_string(),
+                            },
+                        )
+                    })
+                })
+                .collect();
+            target_core::stats::global().retain(|iqn, lun| {
+                desired
+                    .targets
+                    .get(iqn)
+                    .is_some_and(|t| t.luns.contains_key(&lun))
+            });
+            state.applied = Some(desired.clone());
+            state.applied_at = Some(Instant::now());
+        }
+        lun_failures.extend(state.open_failures.clone());
+
+        // Who owns each served IQN, and the tid it had before a restart.
+        let mut owners: BTreeMap<&str, &Target> = BTreeMap::new();
+        for t in &targets {
+            let ours = t.spec.node_name.as_deref() == Some(self.node.as_str())
+                && t.metadata.deletion_timestamp.is_none();
+            let name = t.metadata.name.as_deref().unwrap_or("");
+            if ours && !resolved.failed_targets.contains(name) {
+                // Oldest first (as resolved): keep the first owner.
+                let older = owners.get(t.spec.iqn.as_str()).is_some_and(|o| {
+                    (&o.metadata.creation_timestamp, &o.metadata.name)
+                        <= (&t.metadata.creation_timestamp, &t.metadata.name)
+                });
+                if !older {
+                    owners.insert(t.spec.iqn.as_str(), t);
+                }
+            }
+        }
+        state.tids.retain(|iqn| desired.targets.contains_key(iqn));
+        let mut served = BTreeMap::new();
+        for (iqn, tc) in &desired.targets {
+            let Some(live) = self.table.target(iqn) else {
+                continue;
+            };
+            let owner = owners.get(iqn.as_str());
+            let hint = owner
+                .and_then(|t| t.status.as_ref())
+                .and_then(|s| s.observed_state.as_ref())
+                .filter(|o| o.iqn.as_deref() == Some(iqn.as_str()))
+                .and_then(|o| o.tid);
+            let tid = state.tids.assign(iqn, hint);
+            let accounts = tc
+                .chap
+                .incoming
+                .iter()
+                .chain(tc.chap.outgoing.as_ref())
+                .map(|c| c.user.clone())
+                .collect();
+            served.insert(
+                iqn.clone(),
+                ServedTarget {
+                    name: owner
+                        .and_then(|t| t.metadata.name.clone())
+                        .unwrap_or_default(),
+                    tid,
+                    luns: live.lun_numbers(),
+                    acl: tc.acl.clone(),
+                    accounts,
+                },
+            );
+        }
+        let binding_targets = objects
+            .bindings
+            .iter()
+            .map(|b| {
+                (
+                    b.metadata.name_or_empty().to_owned(),
+                    b.spec.target_ref.name.clone(),
+                )
+            })
+            .collect();
+        let view = Arc::new(NodeView {
+            errors: resolved.errors,
+            failed_targets: resolved.failed_targets,
+            served,
+            lun_failures,
+            binding_targets,
+        });
+        state.view = view.clone();
+        view
+    }
+}
+
+fn log_report(report: &target_core::table::ApplyReport) {
+    for iqn in &report.added_targets {
+        info!(target_iqn = %iqn, "target added");
+    }
+    for iqn in &report.changed_targets {
+        info!(target_iqn = %iqn, "target changed");
+    }
+    for iqn in &report.removed_targets {
+        info!(target_iqn = %iqn, "target removed");
+    }
+    if report.sessions_ended > 0 {
+        info!(
+            sessions = report.sessions_ended,
+            "sessions ended by the change"
+        );
+    }
+    for (iqn, errs) in &report.errors {
+        for e in errs {
+            error!(target_iqn = %iqn, "{e}");
+        }
+    }
+}
