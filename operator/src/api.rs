@@ -19,6 +19,10 @@
 //! error rather than a silently ignored setting (the API server prunes unknown fields before
 //! they reach us).
 
+// clippy reads the repeated `type_ = "string"` of the `printcolumn(...)` entries in
+// `#[kube(...)]` as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 

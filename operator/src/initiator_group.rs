@@ -405,49 +405,66 @@ pub fn error_policy(group: Arc<InitiatorGroup>, error: &Error, ctx: Arc<Context>
 // ---------------------------------------------------------------------------------------------
 // Node triggers
 
-/// What about a Node can change a group's status.
-fn node_fingerprint(
-    node: &PartialObjectMeta<Node>,
-) -> (
-    Option<BTreeMap<String, String>>,
-    Option<BTreeMap<String, String>>,
-) {
-    (
-        node.metadata.labels.clone(),
-        node.metadata.annotations.clone(),
-    )
+/// What about a Node can change a group's status: its labels and annotations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeFingerprint {
+    labels: Option<BTreeMap<String, String>>,
+    annotations: Option<BTreeMap<String, String>>,
 }
 
-/// A stream that yields `()` whenever a Node appears, disappears, or changes its labels or
-/// annotations (status-only updates, such as heartbeats, are filtered out).
-pub fn node_changes(client: Client) -> impl Stream<Item = ()> + Send + 'static {
-    let nodes: Api<PartialObjectMeta<Node>> = Api::all(client);
-    let mut seen: HashMap<String, _> = HashMap::new();
-    let mut init_batch: Option<HashMap<String, _>> = None;
-    watcher::watcher(nodes, watcher::Config::default()).filter_map(move |event| {
-        let changed = match event {
-            Ok(watcher::Event::Apply(node)) => {
+fn node_fingerprint(node: &PartialObjectMeta<Node>) -> NodeFingerprint {
+    NodeFingerprint {
+        labels: node.metadata.labels.clone(),
+        annotations: node.metadata.annotations.clone(),
+    }
+}
+
+/// Decides which Node watch events can change a group: a Node appearing, disappearing, or
+/// changing labels or annotations. Status-only updates (heartbeats, conditions) do not.
+#[derive(Debug, Default)]
+pub struct NodeChanges {
+    seen: HashMap<String, NodeFingerprint>,
+    /// Nodes of a relist in progress.
+    relist: Option<HashMap<String, NodeFingerprint>>,
+}
+
+impl NodeChanges {
+    /// Whether `event` may change some group's status.
+    pub fn handle_event(&mut self, event: watcher::Event<PartialObjectMeta<Node>>) -> bool {
+        match event {
+            watcher::Event::Apply(node) => {
                 let fp = node_fingerprint(&node);
-                seen.insert(node.name_any(), fp.clone()) != Some(fp)
+                self.seen.insert(node.name_any(), fp.clone()) != Some(fp)
             }
-            Ok(watcher::Event::Delete(node)) => seen.remove(&node.name_any()).is_some(),
-            Ok(watcher::Event::Init) => {
-                init_batch = Some(HashMap::new());
+            watcher::Event::Delete(node) => self.seen.remove(&node.name_any()).is_some(),
+            watcher::Event::Init => {
+                self.relist = Some(HashMap::new());
                 false
             }
-            Ok(watcher::Event::InitApply(node)) => {
-                if let Some(batch) = init_batch.as_mut() {
-                    batch.insert(node.name_any(), node_fingerprint(&node));
+            watcher::Event::InitApply(node) => {
+                if let Some(relist) = self.relist.as_mut() {
+                    relist.insert(node.name_any(), node_fingerprint(&node));
                 }
                 false
             }
-            Ok(watcher::Event::InitDone) => {
-                // A relist: trigger if anything differs from what we knew.
-                let batch = init_batch.take().unwrap_or_default();
-                let changed = batch != seen;
-                seen = batch;
+            watcher::Event::InitDone => {
+                // After a relist: changed if anything differs from what we knew.
+                let relist = self.relist.take().unwrap_or_default();
+                let changed = relist != self.seen;
+                self.seen = relist;
                 changed
             }
+        }
+    }
+}
+
+/// A stream that yields `()` whenever [`NodeChanges`] says a Node event matters.
+pub fn node_changes(client: Client) -> impl Stream<Item = ()> + Send + 'static {
+    let nodes: Api<PartialObjectMeta<Node>> = Api::all(client);
+    let mut changes = NodeChanges::default();
+    watcher::watcher(nodes, watcher::Config::default()).filter_map(move |event| {
+        let changed = match event {
+            Ok(event) => changes.handle_event(event),
             Err(e) => {
                 tracing::warn!(error = %e, "Node watch");
                 false

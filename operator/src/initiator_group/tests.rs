@@ -160,6 +160,57 @@ fn backoff_is_per_object_exponential_capped_and_reset() {
     assert_eq!(b.fail("a"), Duration::from_secs(1));
 }
 
+fn meta(
+    name: &str,
+    labels: &[(&str, &str)],
+    annotations: &[(&str, &str)],
+) -> PartialObjectMeta<Node> {
+    let map = |kv: &[(&str, &str)]| {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    serde_json::from_value(json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": {"name": name, "labels": map(labels), "annotations": map(annotations)},
+    }))
+    .unwrap()
+}
+
+#[test]
+fn node_changes_ignore_status_only_updates() {
+    use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+    let mut c = NodeChanges::default();
+    assert!(!c.handle_event(Init));
+    assert!(!c.handle_event(InitApply(meta("n1", &[("a", "1")], &[]))));
+    assert!(c.handle_event(InitDone), "first list");
+    // Same labels and annotations (a heartbeat): nothing to do.
+    assert!(!c.handle_event(Apply(meta("n1", &[("a", "1")], &[]))));
+    assert!(
+        c.handle_event(Apply(meta("n1", &[("a", "2")], &[]))),
+        "label"
+    );
+    assert!(
+        c.handle_event(Apply(meta("n1", &[("a", "2")], &[("k", "v")]))),
+        "annotation"
+    );
+    assert!(c.handle_event(Apply(meta("n2", &[], &[]))), "new node");
+    assert!(c.handle_event(Delete(meta("n2", &[], &[]))), "deleted node");
+    assert!(
+        !c.handle_event(Delete(meta("n2", &[], &[]))),
+        "already gone"
+    );
+    // A relist with the same Nodes changes nothing; one that lost a Node does.
+    for (nodes, expected) in [(vec!["n1"], false), (vec![], true)] {
+        c.handle_event(Init);
+        for n in nodes {
+            c.handle_event(InitApply(meta(n, &[("a", "2")], &[("k", "v")])));
+        }
+        assert_eq!(c.handle_event(InitDone), expected);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reconciler against a scripted API server
 
