@@ -62,8 +62,10 @@ pub use spc::report_luns;
 use cdb::op;
 
 /// Largest single READ/WRITE/VERIFY transfer, in bytes (BLOCK LIMITS MAXIMUM TRANSFER LENGTH
-/// is this divided by the block size).
-pub const MAX_TRANSFER_BYTES: u32 = 16 * 1024 * 1024;
+/// is this divided by the block size). 32 MiB: 65536 blocks of 512 bytes, which is also the
+/// kernel iscsi_tcp initiator's default max_sectors and what libiscsi's WRITE SAME tests read
+/// back in one command.
+pub const MAX_TRANSFER_BYTES: u32 = 32 * 1024 * 1024;
 /// BLOCK LIMITS WSNZ (SBC-3 §6.5.3): WRITE SAME with NUMBER OF LOGICAL BLOCKS zero is refused.
 /// With `false` zero means "to the end of the medium"; that makes libiscsi's
 /// WriteSame{10,16}.ZeroBlocks pass but WriteSame{10,16}.UnmapUntilEnd fail (it sends 0xFF data
@@ -331,6 +333,19 @@ impl LogicalUnit {
             op::RELEASE_6 | op::RELEASE_10 => self.release_spc2(nexus, cdb),
             _ => Err(ScsiError::InvalidOpcode),
         }
+    }
+
+    /// Checks a transport's expected data transfer length against the CDB when they differ.
+    /// Most commands then run with the smaller amount and a residual (FCP-4 §9.4.2 option
+    /// a). COMPARE AND WRITE cannot: SBC-3 §5.2 defines its Data-Out buffer as exactly the
+    /// verify and the write instance (2 × NUMBER OF LOGICAL BLOCKS), so a different length
+    /// means the CDB does not describe the transfer: INVALID FIELD IN CDB (NUMBER OF LOGICAL
+    /// BLOCKS), as tgtd answers and libiscsi's CompareAndWrite tests expect.
+    pub fn check_expected_length(&self, cdb: &[u8], expected: u64) -> Result<(), ScsiError> {
+        if cdb.first() == Some(&op::COMPARE_AND_WRITE) && self.data_out_length(cdb)? != expected {
+            return Err(ScsiError::cdb(13));
+        }
+        Ok(())
     }
 
     /// How many Data-Out bytes `cdb` transfers, so the transport knows what to solicit.

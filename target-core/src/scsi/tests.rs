@@ -275,7 +275,7 @@ async fn lba_range_checks() {
 
 #[tokio::test]
 async fn transfer_limits_and_protect_fields() {
-    let lu = lu_with(65536, 512, false);
+    let lu = lu_with(131_072, 512, false);
     let max = MAX_TRANSFER_BYTES / 512;
     let s = invalid_cdb(&run(&lu, &rw16(0x88, 0, 0, max + 1), &[]).await);
     assert_eq!(s.sks, Some([0xC0, 0, 10]));

@@ -697,7 +697,10 @@ impl Conn {
             None => {
                 refuse = Some((ScsiError::LunNotSupported.sense(), Residual::default()));
             }
-            Some(lu) => match lu.data_out_length(&cdb) {
+            Some(lu) => match lu
+                .data_out_length(&cdb)
+                .and_then(|n| lu.check_expected_length(&cdb, u64::from(edtl)).map(|()| n))
+            {
                 Err(e) => refuse = Some((e.sense(), Residual::default())),
                 Ok(spdtl) => {
                     let spdtl = u32::try_from(spdtl).unwrap_or(u32::MAX);
@@ -887,9 +890,11 @@ impl Conn {
             task.unsolicited_offset += len;
             task.unsolicited_left -= len;
             if d.final_ && task.unsolicited_left > 0 {
-                // The initiator ended the unsolicited burst early (EDTL smaller than we
-                // computed); accept what came.
+                // The initiator ended the unsolicited burst early (RFC 7143 §4.7.1 lets the F
+                // bit close the unsolicited sequence): solicit the rest with R2Ts from where
+                // the unsolicited data really ended, so the write cannot stall.
                 task.unsolicited_left = 0;
+                task.solicited_to = task.solicited_to.min(task.unsolicited_offset);
             }
         } else {
             let Some(pos) = task.r2ts.iter().position(|r| r.ttt == d.ttt) else {
