@@ -33,6 +33,8 @@ use crate::config::{self, Objects, DEFAULT_NAMESPACE};
 /// How long a sync waits for a newly watched namespace's Secrets to be listed before it
 /// computes without them (the Target then reports `ChapSecretMissing` until they arrive).
 const SECRET_LIST_WAIT: Duration = Duration::from_secs(10);
+/// How often a waiter re-polls a store's readiness (see [`wait_ready`]).
+const READY_POLL: Duration = Duration::from_millis(200);
 /// How often LUNs that failed to open are retried while nothing else changes.
 const OPEN_RETRY: Duration = Duration::from_secs(30);
 
@@ -49,10 +51,27 @@ impl Stores {
     /// Waits until the Target, InitiatorGroup and InitiatorGroupBinding stores have been
     /// listed once: computing from a partial list would serve partial ACLs.
     pub async fn wait_until_ready(&self) {
-        // An error means the writer was dropped (shutdown); the stores then stay as they are.
-        let _ = self.targets.wait_until_ready().await;
-        let _ = self.groups.wait_until_ready().await;
-        let _ = self.bindings.wait_until_ready().await;
+        wait_ready(&self.targets).await;
+        wait_ready(&self.groups).await;
+        wait_ready(&self.bindings).await;
+    }
+}
+
+/// `Store::wait_until_ready`, safe with several waiters: kube-runtime 5's readiness future
+/// keeps only the waker of the task that polled it last, so a task that started waiting
+/// earlier (the sync loop, before the controller) is never woken. Polling again with a short
+/// timeout re-registers this task; once ready the answer is memoized and immediate.
+async fn wait_ready<K>(store: &Store<K>)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        match tokio::time::timeout(READY_POLL, store.wait_until_ready()).await {
+            // An error means the writer was dropped (shutdown); the store stays as it is.
+            Ok(_) => return,
+            Err(_) => continue,
+        }
     }
 }
 
@@ -146,7 +165,7 @@ impl SecretStores {
             }
         }
         for store in started {
-            let _ = tokio::time::timeout(SECRET_LIST_WAIT, store.wait_until_ready()).await;
+            let _ = tokio::time::timeout(SECRET_LIST_WAIT, wait_ready(&store)).await;
         }
     }
 
