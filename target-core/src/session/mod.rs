@@ -216,12 +216,23 @@ async fn login_phase(
     };
     let mut wbuf = BytesMut::new();
     let mut last_cmd_sn;
+    let (mut initiator, mut target) = (String::new(), String::new());
     loop {
         let Some(pdu) = read_pdu(stream, rbuf, codec).await? else {
             return Err(ConnectionError::ClosedDuringLogin);
         };
         if let Header::LoginRequest(req) = &pdu.header {
             last_cmd_sn = req.cmd_sn;
+            // Remember who is asking, for the log line of a refusal.
+            if let Ok(pairs) = iscsi_proto::text::parse(&pdu.data) {
+                for (k, v) in pairs {
+                    match k {
+                        "InitiatorName" if initiator.is_empty() => initiator = v.to_string(),
+                        "TargetName" if target.is_empty() => target = v.to_string(),
+                        _ => {}
+                    }
+                }
+            }
         } else {
             // RFC 7143 §6.3: "the initiator MUST NOT send any PDU other than Login Requests"
             // before the login completes; a target receiving one ends the login.
@@ -273,7 +284,15 @@ async fn login_phase(
                 }));
             }
             LoginStep::Fail { response, error } => {
-                warn!(%peer, error = %error, "login refused");
+                let (class, detail) = error.status();
+                warn!(
+                    %peer,
+                    initiator = %initiator,
+                    target = if target.is_empty() { "-" } else { &target },
+                    status = format_args!("{class:02x}{detail:02x}"),
+                    error = %error,
+                    "login refused"
+                );
                 codec.encode(&response, &mut wbuf);
                 stream.write_all(&wbuf).await?;
                 let _ = stream.shutdown().await;
