@@ -22,7 +22,7 @@ const IQN: &str = "iqn.2024-01.cloud.unstable.test:e2e-disk";
 const CLIENT: &str = "iqn.2024-01.cloud.unstable.test:e2e-client";
 const FINALIZER: &str = "target.tgtd.unstable.cloud/cleanup";
 
-/// Kills the agent if the test fails half-way.
+/// A child process (the agent, an initiator) killed if the test fails half-way.
 struct Agent(Child);
 
 impl Drop for Agent {
@@ -285,8 +285,36 @@ async fn kubernetes_mode_end_to_end() {
     assert!(read_ops > 0, "no READ counted; iscsi-perf: {perf}\n{text}");
     assert!(text.contains("ktgt_lun_latency_seconds_bucket"), "{text}");
 
-    // Deleting the binding revokes access at once.
+    // Deleting the binding revokes access at once: a logged-in initiator (iscsi-perf reading
+    // for 60 s) is logged out and refused when it logs back in.
+    let reader = Agent(
+        Command::new("iscsi-perf")
+            .args(["-i", CLIENT, "-t", "60", &lun_url])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start iscsi-perf"),
+    );
+    wait_for("the reader's session", Duration::from_secs(10), || {
+        let (_, text) = http_get(metrics, "/metrics");
+        text.contains(&format!(r#"ktgt_sessions{{target="{IQN}"}} 1"#))
+            .then_some(())
+    })
+    .await;
     api.delete(GV, "initiatorgroupbindings", "", "clients-disk");
+    // The session ends at once; libiscsi then keeps trying to log back in and is refused.
+    wait_for_or(
+        "the logged-in reader to be logged out",
+        Duration::from_secs(10),
+        || {
+            let (_, text) = http_get(metrics, "/metrics");
+            text.contains(&format!(r#"ktgt_sessions{{target="{IQN}"}} 0"#))
+                .then_some(())
+        },
+        log,
+    )
+    .await;
+    drop(reader);
     wait_for(
         "login refused after the binding is deleted",
         Duration::from_secs(15),
