@@ -229,13 +229,18 @@ async fn kubernetes_mode_end_to_end() {
         "{:?}",
         api.requests()
     );
-    let events = api.list("events.k8s.io/v1", "events", "default");
-    assert!(
-        events
-            .iter()
-            .any(|e| e["reason"] == "Served" && e["regarding"]["name"] == "disk"),
-        "{events:?}"
-    );
+    // The Event follows the status patch.
+    wait_for(
+        "a Served Event on the Target",
+        Duration::from_secs(10),
+        || {
+            api.list("events.k8s.io/v1", "events", "default")
+                .iter()
+                .any(|e| e["reason"] == "Served" && e["regarding"]["name"] == "disk")
+                .then_some(())
+        },
+    )
+    .await;
 
     // Health, readiness, metrics.
     assert_eq!(http_get(metrics, "/healthz").0, 200);
