@@ -86,7 +86,10 @@ async fn renews_its_own_lease_with_the_resource_version_it_read() {
     assert_eq!(put.body["spec"]["holderIdentity"], "pod-a");
     // Renewal keeps acquireTime and the transition count, and moves renewTime.
     assert_eq!(put.body["spec"]["leaseTransitions"], 3);
-    assert_eq!(put.body["spec"]["acquireTime"], "2024-01-01T00:00:00.000000Z");
+    assert_eq!(
+        put.body["spec"]["acquireTime"],
+        "2024-01-01T00:00:00.000000Z"
+    );
     assert_ne!(put.body["spec"]["renewTime"], "2024-01-01T00:00:05Z");
     put.echo();
     assert_eq!(round.await.unwrap().unwrap(), LeaseState::Leading);
