@@ -36,6 +36,14 @@ read -r tp tf < <(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ 
 passed=$((passed + tp)); failed=$((failed + tf))
 if [ $rc -ne 0 ] && [ "$tf" -eq 0 ]; then failed=$((failed + 1)); echo "FAIL cargo test (build or harness error, see $log_dir/cargo-test.log)"; fi
 
+step "CRDs match the API types (deploy/check-drift.sh)"
+bash deploy/check-drift.sh >"$log_dir/drift.log" 2>&1
+rc=$?; [ $rc -eq 0 ] || tail -30 "$log_dir/drift.log"; record crd-drift $rc
+
+step "fuzz smoke (seed and regression replay through every fuzz hook)"
+bash fuzz/smoke.sh >"$log_dir/fuzz-smoke.log" 2>&1
+rc=$?; [ $rc -eq 0 ] || tail -30 "$log_dir/fuzz-smoke.log"; record fuzz-smoke $rc
+
 if [ -d benches ] && [ -f benches/Cargo.toml ]; then
   step "benches build"
   cargo bench --no-run --manifest-path benches/Cargo.toml >"$log_dir/bench-build.log" 2>&1
