@@ -971,10 +971,13 @@ impl Conn {
             };
             probe.finish(&result, data_out_len);
             let pdus = build_response(&cmd, result, max_seg, max_burst, write);
+            // Whoever flips `answered` first owns the command's answer: this task (send the
+            // status) or a task management function (the command counts as aborted and must
+            // not also report a status, RFC 7143 §4.2.3.3).
             if !task_answered.swap(true, Ordering::AcqRel) {
                 counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+                let _ = out.send(Out::Pdus(pdus)).await;
             }
-            let _ = out.send(Out::Pdus(pdus)).await;
             let _ = events.send(TaskEvent::Done(itt, seq));
         });
         self.running.insert(
@@ -1042,14 +1045,19 @@ impl Conn {
             tmf::ABORT_TASK => {
                 let referenced = t.referenced_task_tag;
                 let mut found = false;
-                // A command already answered is not aborted (its slot is given back once).
-                let answered = self
+                // Claim the command's answer atomically against its own completion: if the
+                // command got there first its status is already on the way and the task no
+                // longer exists for us.
+                let claimed = self
                     .running
                     .get(&referenced)
-                    .is_some_and(|r| r.answered.load(Ordering::Acquire));
+                    .map(|r| !r.answered.swap(true, Ordering::AcqRel));
+                if claimed == Some(true) {
+                    self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+                    found = true;
+                }
                 if let Some(h) = self.forget_running(referenced) {
                     h.abort();
-                    found = !answered;
                 }
                 if self.forget_write(referenced).is_some() {
                     found = true;
@@ -1058,11 +1066,15 @@ impl Conn {
                 if found {
                     tmf_response::COMPLETE
                 } else {
-                    // RFC 7143 §11.6.1: a task that is not known but whose RefCmdSN is in the
-                    // window and below the TMF's CmdSN "was received and completed": answer
-                    // Function Complete; otherwise "Task does not exist".
-                    let exp = Sn(self.counters.exp_cmd_sn.load(Ordering::Acquire));
-                    if t.ref_cmd_sn.lt(exp) {
+                    // RFC 7143 §11.5.1: "If the Referenced Task Tag does not identify an existing
+                    // task, but if the CmdSN indicated by the RefCmdSN field ... is within the
+                    // valid CmdSN window and less than the CmdSN of the Task Management Function
+                    // Request itself, then targets must consider the CmdSN as received and
+                    // return the 'Function complete' response." A RefCmdSN below ExpCmdSN was
+                    // received and already answered: "Task does not exist".
+                    let (exp, max) = self.counters.window();
+                    let in_window = exp.le(t.ref_cmd_sn) && t.ref_cmd_sn.le(max);
+                    if in_window && t.ref_cmd_sn.lt(t.cmd_sn) {
                         tmf_response::COMPLETE
                     } else {
                         tmf_response::TASK_DOES_NOT_EXIST
