@@ -12,10 +12,10 @@ use ktgt_agent::config;
 use target_core::lun::Engine;
 use target_core::portal::Portal;
 use target_core::session::SessionOptions;
-use target_core::table::{ApplyReport, TargetTable};
+use target_core::table::TargetTable;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -185,29 +185,6 @@ fn load(source: &Source) -> anyhow::Result<target_core::config::DesiredState> {
     }
 }
 
-fn log_report(report: &ApplyReport) {
-    for iqn in &report.added_targets {
-        info!(target_iqn = %iqn, "target added");
-    }
-    for iqn in &report.changed_targets {
-        info!(target_iqn = %iqn, "target changed");
-    }
-    for iqn in &report.removed_targets {
-        info!(target_iqn = %iqn, "target removed");
-    }
-    if report.sessions_ended > 0 {
-        info!(
-            sessions = report.sessions_ended,
-            "sessions ended by the change"
-        );
-    }
-    for (iqn, errs) in &report.errors {
-        for e in errs {
-            error!(target_iqn = %iqn, "{e}");
-        }
-    }
-}
-
 impl ServeArgs {
     fn engine(&self) -> Engine {
         match self.engine {
@@ -232,7 +209,7 @@ async fn standalone(source: Source, args: ServeArgs) -> anyhow::Result<()> {
     let table = TargetTable::new();
     table.set_engine(args.engine());
     let report = table.apply(&desired).await;
-    log_report(&report);
+    report.log();
     if !report.errors.is_empty() {
         anyhow::bail!(
             "some LUNs could not be opened (see above); refusing to start half-configured"
@@ -268,7 +245,7 @@ async fn reload(source: &Source, table: &Arc<TargetTable>) {
     match load(source) {
         Ok(desired) => {
             let report = table.apply(&desired).await;
-            log_report(&report);
+            report.log();
         }
         Err(e) => warn!("configuration not reloaded, keeping the current one: {e:#}"),
     }

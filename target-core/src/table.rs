@@ -145,6 +145,32 @@ pub struct ApplyReport {
     pub errors: BTreeMap<String, Vec<LunError>>,
 }
 
+impl ApplyReport {
+    /// Logs what the apply changed and what failed, one line each.
+    pub fn log(&self) {
+        for iqn in &self.added_targets {
+            tracing::info!(target_iqn = %iqn, "target added");
+        }
+        for iqn in &self.changed_targets {
+            tracing::info!(target_iqn = %iqn, "target changed");
+        }
+        for iqn in &self.removed_targets {
+            tracing::info!(target_iqn = %iqn, "target removed");
+        }
+        if self.sessions_ended > 0 {
+            tracing::info!(
+                sessions = self.sessions_ended,
+                "sessions ended by the change"
+            );
+        }
+        for (iqn, errs) in &self.errors {
+            for e in errs {
+                tracing::error!(target_iqn = %iqn, "{e}");
+            }
+        }
+    }
+}
+
 /// A LUN that could not be brought up.
 #[derive(Debug)]
 pub struct LunError {

@@ -25,7 +25,7 @@ use target_core::config::DesiredState;
 use target_core::table::TargetTable;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use super::status::{condition_reason, LunFailure, NodeView, ServedTarget};
 use crate::config::{self, Objects, DEFAULT_NAMESPACE};
@@ -374,7 +374,7 @@ impl Syncer {
             && state.applied_at.is_none_or(|at| at.elapsed() >= OPEN_RETRY);
         if state.applied.as_ref() != Some(&desired) || retry_opens {
             let report = self.table.apply(&desired).await;
-            log_report(&report);
+            report.log();
             state.open_failures = report
                 .errors
                 .iter()
@@ -470,28 +470,5 @@ impl Syncer {
         });
         state.view = view.clone();
         view
-    }
-}
-
-fn log_report(report: &target_core::table::ApplyReport) {
-    for iqn in &report.added_targets {
-        info!(target_iqn = %iqn, "target added");
-    }
-    for iqn in &report.changed_targets {
-        info!(target_iqn = %iqn, "target changed");
-    }
-    for iqn in &report.removed_targets {
-        info!(target_iqn = %iqn, "target removed");
-    }
-    if report.sessions_ended > 0 {
-        info!(
-            sessions = report.sessions_ended,
-            "sessions ended by the change"
-        );
-    }
-    for (iqn, errs) in &report.errors {
-        for e in errs {
-            error!(target_iqn = %iqn, "{e}");
-        }
     }
 }

@@ -1181,6 +1181,9 @@ impl Conn {
         let ttt = match rest {
             Some(rest) => {
                 let ttt = self.alloc_ttt();
+                // RFC 7143 §11.10: a Text Request with TTT 0xffffffff starts a new exchange,
+                // so only the latest unfinished answer can still be continued: keep one.
+                self.text_continuations.clear();
                 self.text_continuations.insert(ttt, rest);
                 ttt
             }
