@@ -53,6 +53,15 @@ if ((${#need[@]})); then
 else
   log "apt packages already installed: ${want[*]}"
 fi
+# Installing bookworm's qemu-system-x86 removes a backported qemu-utils that conflicts with it
+# (seen on machines that came with qemu-utils 10 from bookworm-backports): put back the
+# matching bookworm pair, whose qemu-img has the iscsi driver.
+if ! command -v qemu-img >/dev/null; then
+  apt_update
+  apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0 qemu-utils qemu-block-extra </dev/null ||
+    { echo "setup.sh: apt-get install qemu-utils qemu-block-extra failed" >&2; exit 1; }
+  log "installed: qemu-utils qemu-block-extra ($(qemu-img --version | head -1))"
+fi
 
 # --- nothing may listen on a non-loopback address -------------------------------------------
 if installed tgt; then

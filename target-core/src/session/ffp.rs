@@ -34,6 +34,8 @@ use crate::table::{EndReason, SessionHandle, Target};
 const GOOD: u8 = 0x00;
 /// SCSI status CHECK CONDITION.
 const CHECK_CONDITION: u8 = 0x02;
+/// SCSI status TASK SET FULL (SAM-5 §5.3.1).
+const TASK_SET_FULL: u8 = 0x28;
 
 /// A write command collecting its data.
 struct WriteTask {
@@ -96,13 +98,15 @@ struct Running {
     answered: Arc<AtomicBool>,
     /// Bytes of the [`WriteBudget`] it holds.
     reserved: u64,
+    /// The command's I bit: which kind of slot it holds (see [`Counters`]).
+    immediate: bool,
 }
 
 impl Running {
     /// Gives the command's window slot back unless that already happened.
     fn release_slot(&self, counters: &Counters) {
         if !self.answered.swap(true, Ordering::AcqRel) {
-            counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+            counters.release(self.immediate);
         }
     }
 }
@@ -338,7 +342,7 @@ impl Conn {
             .write_budget
             .reserved
             .saturating_sub(w.reserved.unwrap_or(0));
-        self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.counters.release(w.cmd.immediate);
         Some(w)
     }
 
@@ -576,6 +580,7 @@ impl Conn {
             self.counters
                 .exp_cmd_sn
                 .store(exp.add(1).0, Ordering::Release);
+            self.release_unless_scsi(pdu);
             return true;
         }
         if exp.lt(cmd_sn) && cmd_sn.le(max) && self.held.len() < 1024 {
@@ -585,6 +590,15 @@ impl Conn {
             debug!(cmd_sn = %cmd_sn, exp = %exp, max = %max, "CmdSN outside window; ignored");
         }
         false
+    }
+
+    /// Only SCSI commands keep their window slot after acceptance (until answered); Text,
+    /// Task Management, Logout and NOP-Out are answered on the spot, so their slot is free
+    /// at once.
+    fn release_unless_scsi(&self, pdu: &Pdu) {
+        if !matches!(pdu.header, Header::ScsiCommand(_)) {
+            self.counters.release(false);
+        }
     }
 
     /// Runs held commands whose turn has come.
@@ -597,6 +611,7 @@ impl Conn {
             self.counters
                 .exp_cmd_sn
                 .store(exp.wrapping_add(1), Ordering::Release);
+            self.release_unless_scsi(&pdu);
             match &pdu.header {
                 Header::ScsiCommand(c) => {
                     let c = c.clone();
@@ -633,7 +648,17 @@ impl Conn {
         if self.running.contains_key(&cmd.itt) || self.writes.contains_key(&cmd.itt) {
             // RFC 7143 §11.2.1.6: the ITT "uniquely identifies the task"; a duplicate tag is a
             // protocol error.
+            if !cmd.immediate {
+                self.counters.release(false);
+            }
             self.reject_pdu(RejectReason::TASK_IN_PROGRESS, &pdu).await;
+            return Ok(());
+        }
+        if cmd.immediate && !self.counters.take_immediate() {
+            // RFC 7143 §3.2.2.1 asks a target to handle at least one immediate command at a
+            // time; beyond queue_depth of them the task set is full (SAM-5 §5.3.1).
+            let pdu = scsi_response(cmd.itt, TASK_SET_FULL, None, Residual::default(), 0);
+            self.send(pdu).await;
             return Ok(());
         }
         // The full CDB: 16 bytes in the BHS, more in an Extended CDB AHS (RFC 7143 §11.3.5).
@@ -646,7 +671,8 @@ impl Conn {
             }
             None => Bytes::copy_from_slice(&cmd.cdb),
         };
-        self.counters.outstanding.fetch_add(1, Ordering::AcqRel);
+        // From here the command holds a slot (taken above for an immediate command, by its
+        // CmdSN otherwise) that every path below gives back exactly once.
         let lun = cmd.lun.number();
         let lu = lun.and_then(|n| self.target.as_ref().and_then(|t| t.lun(n)));
         let edtl = cmd.expected_data_transfer_length;
@@ -662,7 +688,7 @@ impl Conn {
         if !cmd.write && immediate_len > 0 {
             // RFC 7143 §11.3: immediate data accompanies only write commands.
             self.reject_pdu(RejectReason::PROTOCOL_ERROR, &pdu).await;
-            self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+            self.counters.release(cmd.immediate);
             return Ok(());
         }
         if cmd.write {
@@ -672,7 +698,7 @@ impl Conn {
                 // RFC 7143 §13.14/§13.15: immediate data only when ImmediateData=Yes, at most
                 // FirstBurstLength and never more than the expected transfer.
                 self.reject_pdu(RejectReason::PROTOCOL_ERROR, &pdu).await;
-                self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+                self.counters.release(cmd.immediate);
                 return Ok(());
             }
             return self.start_write(cmd, cdb, lu, pdu.data).await;
@@ -961,6 +987,7 @@ impl Conn {
         let max_burst = self.params.max_burst_length.max(512);
         let itt = cmd.itt;
         let lun = cmd.lun;
+        let immediate = cmd.immediate;
         let iqn = self.target.as_ref().map(|t| t.iqn.as_str());
         let probe = crate::stats::Probe::start(iqn, lu.as_deref(), &cdb);
         let handle = tokio::spawn(async move {
@@ -975,7 +1002,7 @@ impl Conn {
             // status) or a task management function (the command counts as aborted and must
             // not also report a status, RFC 7143 §4.2.3.3).
             if !task_answered.swap(true, Ordering::AcqRel) {
-                counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+                counters.release(cmd.immediate);
                 let _ = out.send(Out::Pdus(pdus)).await;
             }
             let _ = events.send(TaskEvent::Done(itt, seq));
@@ -988,6 +1015,7 @@ impl Conn {
                 seq,
                 answered,
                 reserved,
+                immediate,
             },
         );
     }
@@ -1006,7 +1034,7 @@ impl Conn {
             residual,
             exp_data_sn,
         );
-        self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.counters.release(cmd.immediate);
         self.send(pdu).await;
     }
 
@@ -1051,9 +1079,9 @@ impl Conn {
                 let claimed = self
                     .running
                     .get(&referenced)
-                    .map(|r| !r.answered.swap(true, Ordering::AcqRel));
-                if claimed == Some(true) {
-                    self.counters.outstanding.fetch_sub(1, Ordering::AcqRel);
+                    .map(|r| (!r.answered.swap(true, Ordering::AcqRel), r.immediate));
+                if let Some((true, immediate)) = claimed {
+                    self.counters.release(immediate);
                     found = true;
                 }
                 if let Some(h) = self.forget_running(referenced) {

@@ -16,33 +16,72 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 /// Command-window counters shared by the reader, the command tasks and the writer.
+///
+/// RFC 7143 §4.2.2.1: the target accepts non-immediate commands with ExpCmdSN <= CmdSN <=
+/// MaxCmdSN and "MUST silently ignore" the others, so a MaxCmdSN once advertised must stay
+/// valid: a command sent within it and refused later is lost for good at ErrorRecoveryLevel 0
+/// (the initiator waits for it forever). Both numbers therefore only move forward, each on
+/// its own: ExpCmdSN when the reader accepts a command, MaxCmdSN by one when a command gives
+/// its slot back. The window never holds more than `queue_depth` unanswered commands (with
+/// MaxCmdSN = ExpCmdSN + queue_depth - 1 when all are answered), and any (ExpCmdSN, MaxCmdSN)
+/// pair read at any moment satisfies MaxCmdSN >= ExpCmdSN - 1.
+///
+/// Immediate commands "do not advance the CmdSN" (§3.2.2.1) and take no window slot; they
+/// are counted apart and bounded by the queue depth too.
 #[derive(Debug)]
 pub struct Counters {
-    /// Next expected CmdSN.
+    /// Next expected CmdSN. Written by the connection task only.
     pub exp_cmd_sn: AtomicU32,
-    /// Commands received and not yet answered.
-    pub outstanding: AtomicU32,
+    /// Highest CmdSN the initiator may send. Only ever incremented.
+    max_cmd_sn: AtomicU32,
+    /// Immediate SCSI commands received and not yet answered.
+    immediate: AtomicU32,
     /// Queue depth: the most commands an initiator may have outstanding.
     pub queue_depth: u32,
 }
 
 impl Counters {
     pub fn new(exp_cmd_sn: Sn, queue_depth: u32) -> Counters {
+        let queue_depth = queue_depth.max(1);
         Counters {
             exp_cmd_sn: AtomicU32::new(exp_cmd_sn.0),
-            outstanding: AtomicU32::new(0),
-            queue_depth: queue_depth.max(1),
+            max_cmd_sn: AtomicU32::new(exp_cmd_sn.0.wrapping_add(queue_depth - 1)),
+            immediate: AtomicU32::new(0),
+            queue_depth,
         }
     }
 
-    /// (ExpCmdSN, MaxCmdSN). RFC 7143 §4.2.2.1: the window is ExpCmdSN..=MaxCmdSN; we shrink
-    /// it by the commands still outstanding so an initiator never has more than `queue_depth`
-    /// commands in the target. MaxCmdSN = ExpCmdSN - 1 closes the window.
+    /// (ExpCmdSN, MaxCmdSN). MaxCmdSN = ExpCmdSN - 1 means the window is closed.
     pub fn window(&self) -> (Sn, Sn) {
+        // ExpCmdSN first: both only grow and ExpCmdSN <= MaxCmdSN + 1 at every moment, so a
+        // MaxCmdSN read after ExpCmdSN keeps the pair consistent.
         let exp = Sn(self.exp_cmd_sn.load(Ordering::Acquire));
-        let out = self.outstanding.load(Ordering::Acquire);
-        let room = self.queue_depth.saturating_sub(out);
-        (exp, Sn(exp.0.wrapping_add(room).wrapping_sub(1)))
+        let max = Sn(self.max_cmd_sn.load(Ordering::Acquire));
+        (exp, max)
+    }
+
+    /// An accepted command's slot is free again (it was answered, aborted or refused).
+    /// Must be called exactly once per command taken in, with the command's I bit.
+    pub fn release(&self, immediate: bool) {
+        if immediate {
+            // Saturating: an inconsistent release must not open an unbounded count.
+            let _ = self
+                .immediate
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        } else {
+            self.max_cmd_sn.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Takes a slot for an immediate command; false when `queue_depth` of them are already
+    /// executing.
+    pub fn take_immediate(&self) -> bool {
+        let qd = self.queue_depth;
+        self.immediate
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < qd).then_some(n + 1)
+            })
+            .is_ok()
     }
 }
 
@@ -206,4 +245,38 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     }
     segs.clear();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_starts_at_queue_depth_and_moves_only_forward() {
+        let c = Counters::new(Sn(u32::MAX - 1), 4);
+        assert_eq!(c.window(), (Sn(u32::MAX - 1), Sn(1)));
+        // Four commands accepted: the window closes (MaxCmdSN = ExpCmdSN - 1).
+        for _ in 0..4 {
+            let exp = c.exp_cmd_sn.load(Ordering::Relaxed);
+            c.exp_cmd_sn.store(exp.wrapping_add(1), Ordering::Relaxed);
+        }
+        assert_eq!(c.window(), (Sn(2), Sn(1)));
+        c.release(false);
+        assert_eq!(c.window(), (Sn(2), Sn(2)));
+        // Immediate commands neither take nor give window slots.
+        assert!(c.take_immediate());
+        c.release(true);
+        c.release(true);
+        assert_eq!(c.window(), (Sn(2), Sn(2)));
+    }
+
+    #[test]
+    fn immediate_commands_are_bounded_by_queue_depth() {
+        let c = Counters::new(Sn(1), 2);
+        assert!(c.take_immediate());
+        assert!(c.take_immediate());
+        assert!(!c.take_immediate());
+        c.release(true);
+        assert!(c.take_immediate());
+    }
 }

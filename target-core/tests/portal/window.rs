@@ -181,3 +181,96 @@ async fn closed_window_ignores_command_at_exp_cmd_sn() {
     i.send(&c).await;
     i.expect_silence(Duration::from_millis(300)).await;
 }
+
+/// RFC 7143 §4.2.2.1: a command within an advertised window must be accepted, since the
+/// target "MUST silently ignore" the others and at ErrorRecoveryLevel 0 nothing resends them.
+/// An initiator that keeps the window full from each response's MaxCmdSN (libiscsi does)
+/// must see every command answered, however the target's tasks interleave; a MaxCmdSN read
+/// half-updated once stranded a command and hung the initiator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn window_kept_full_from_advertised_max_cmd_sn_loses_nothing() {
+    let mut o = options();
+    o.queue_depth = 2;
+    let t = Target::start_with(state([target(TARGET, &[0])]), o).await;
+    let mut i = t.login().await;
+    i.clear_ua(0).await;
+    const COMMANDS: usize = 4000;
+    let (mut sent, mut answered) = (0usize, 0usize);
+    while answered < COMMANDS {
+        // Send everything the advertised window admits: TEST UNIT READY and 16 KiB READs.
+        let mut batch = Vec::new();
+        while sent < COMMANDS && i.cmd_sn.le(i.max_cmd_sn) {
+            let c = if sent % 2 == 0 {
+                i.command(0, &tur(), 0, Dir::None, Bytes::new())
+            } else {
+                i.command(0, &read10(0, 32), 16384, Dir::Read, Bytes::new())
+            };
+            batch.extend_from_slice(&i.codec.encode_to_bytes(&c));
+            sent += 1;
+        }
+        if !batch.is_empty() {
+            i.send_raw(&batch).await;
+        }
+        match i.recv_within(Duration::from_secs(5)).await {
+            Ok(Some(p)) => match p.header {
+                Header::ScsiResponse(r) => {
+                    assert_eq!(r.status, GOOD);
+                    answered += 1;
+                }
+                Header::DataIn(d) => {
+                    if d.status_present {
+                        assert_eq!(d.status, GOOD);
+                        answered += 1;
+                    }
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            Ok(None) => panic!("target closed the connection"),
+            Err(()) => panic!(
+                "stalled: {answered} of {sent} sent answered, CmdSN {} MaxCmdSN {}",
+                i.cmd_sn, i.max_cmd_sn
+            ),
+        }
+    }
+}
+
+/// Immediate commands take no CmdSN slot (RFC 7143 §3.2.2.1) but are still bounded: with
+/// queue_depth of them executing, one more is answered TASK SET FULL (SAM-5 §5.3.1), and the
+/// CmdSN window is untouched by them.
+#[tokio::test]
+async fn immediate_commands_beyond_queue_depth_get_task_set_full() {
+    let mut o = options();
+    o.queue_depth = 2;
+    let t = Target::start_with(state([target(TARGET, &[0])]), o).await;
+    let mut i = t
+        .login_with(&Login::normal(TARGET).key("ImmediateData", "No"))
+        .await;
+    i.clear_ua(0).await;
+    let exp = i.cmd_sn;
+    // Two immediate writes waiting for their data hold both immediate slots.
+    for lba in [0, 8] {
+        let itt = i.itt();
+        let c = i.command_with(
+            0,
+            itt,
+            exp,
+            true,
+            &write10(lba, 8),
+            4096,
+            Dir::Write,
+            Bytes::new(),
+        );
+        i.send(&c).await;
+        let p = i.recv().await;
+        assert!(matches!(p.header, Header::R2t(_)), "{p:?}");
+    }
+    let itt = i.itt();
+    let c = i.command_with(0, itt, exp, true, &tur(), 0, Dir::None, Bytes::new());
+    i.send(&c).await;
+    let r = i.collect(itt).await.response.unwrap();
+    assert_eq!(r.status, 0x28, "TASK SET FULL");
+    assert_eq!(r.max_cmd_sn, exp.add(1), "the CmdSN window stays open");
+    // Non-immediate commands still run.
+    let r = i.exec(0, &tur(), 0).await.response.unwrap();
+    assert_eq!(r.status, GOOD);
+}
