@@ -14,11 +14,15 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
+use super::pool;
 use super::sys::{self, AlignedBuf, DIRECT_MEM_ALIGN};
 use super::{check_range, BackendError, StoreConfig};
 
 /// Size of the shared zero buffer used when the filesystem cannot zero a range itself.
 pub(crate) const ZERO_CHUNK: usize = 1 << 20;
+
+/// Largest read served inline from the page cache (see [`FileShared::read_cached`]).
+pub(crate) const CACHED_READ_MAX: usize = 4 << 20;
 
 /// A 1 MiB page-aligned buffer of zeroes, shared by every fallback write-zeroes (aligned, so
 /// it also serves O_DIRECT).
@@ -44,6 +48,10 @@ pub(crate) struct FileShared {
     punch_hole: AtomicBool,
     /// `FALLOC_FL_ZERO_RANGE` worked so far (cleared on the first EOPNOTSUPP).
     zero_range: AtomicBool,
+    /// `RWF_NOWAIT` reads worked so far (cleared when the file refuses them).
+    nowait_read: AtomicBool,
+    /// `RWF_NOWAIT` writes worked so far (cleared when the file refuses them).
+    nowait_write: AtomicBool,
 }
 
 impl FileShared {
@@ -141,6 +149,8 @@ impl FileShared {
             block_device,
             punch_hole: AtomicBool::new(true),
             zero_range: AtomicBool::new(true),
+            nowait_read: AtomicBool::new(!cfg.direct),
+            nowait_write: AtomicBool::new(!cfg.direct && !cfg.read_only),
         })
     }
 
@@ -161,6 +171,53 @@ impl FileShared {
             return Err(BackendError::Misaligned { offset, len, align });
         }
         Ok(())
+    }
+
+    /// The fast path of a buffered read: when the whole range is in the page cache, copy it
+    /// out right here, on the caller's thread, with no hand-off to the I/O engine (one
+    /// `preadv2` with `RWF_NOWAIT`, which never waits for the device). `None` when the caller
+    /// must take the asynchronous path: O_DIRECT, not all cached, or any error (which the
+    /// asynchronous path then reports with its full handling). The range is checked already.
+    pub(crate) fn read_cached(&self, offset: u64, len: usize) -> Option<Bytes> {
+        if len > CACHED_READ_MAX || !self.nowait_read.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut buf = pool::take(len, DIRECT_MEM_ALIGN);
+        match sys::pread_nowait(&self.file, &mut buf, len, offset) {
+            Ok(n) if n == len => return Some(pool::freeze(buf)),
+            Ok(_) => {}
+            Err(e) => self.note_nowait(&self.nowait_read, &e, "reads"),
+        }
+        pool::give_back(buf);
+        None
+    }
+
+    /// The fast path of a buffered write without FUA: as much of `parts` as the page cache
+    /// takes at once (`pwritev2` with `RWF_NOWAIT`). Returns the bytes written, 0 when none
+    /// (the caller writes the rest asynchronously). The range is checked already.
+    pub(crate) fn write_cached(&self, offset: u64, parts: &[Bytes]) -> usize {
+        if !self.nowait_write.load(Ordering::Relaxed) {
+            return 0;
+        }
+        match sys::pwrite_nowait(&self.file, parts, offset) {
+            Ok(n) => n,
+            Err(e) => {
+                self.note_nowait(&self.nowait_write, &e, "writes");
+                0
+            }
+        }
+    }
+
+    /// `EAGAIN` is the expected "would wait"; anything else turns the fast path off for this
+    /// file (the asynchronous path reports real I/O errors).
+    fn note_nowait(&self, flag: &AtomicBool, e: &io::Error, what: &str) {
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return;
+        }
+        if flag.swap(false, Ordering::Relaxed) {
+            tracing::debug!(path = %self.path.display(), error = %e,
+                "non-blocking {what} unavailable here; every request goes to the I/O engine");
+        }
     }
 
     pub(crate) fn punch_hole_supported(&self) -> bool {
@@ -267,6 +324,9 @@ impl FileStore {
         if len == 0 {
             return Ok(Bytes::new());
         }
+        if let Some(cached) = self.shared.read_cached(offset, len) {
+            return Ok(cached);
+        }
         let shared = self.shared.clone();
         blocking(move || {
             if let Some(align) = shared.direct_align() {
@@ -293,6 +353,15 @@ impl FileStore {
         if total == 0 && !fua {
             return Ok(());
         }
+        let (offset, data) = if fua {
+            (offset, data)
+        } else {
+            let n = self.shared.write_cached(offset, &data);
+            if n as u64 == total {
+                return Ok(());
+            }
+            (offset + n as u64, advance(data, n))
+        };
         let shared = self.shared.clone();
         blocking(move || {
             match shared.direct_align() {
@@ -371,6 +440,25 @@ fn zero_blocking(shared: &FileShared, offset: u64, len: u64) -> io::Result<()> {
         pos += n as u64;
     }
     Ok(())
+}
+
+/// `parts` without their first `n` bytes.
+pub(crate) fn advance(mut parts: Vec<Bytes>, mut n: usize) -> Vec<Bytes> {
+    if n == 0 {
+        return parts;
+    }
+    let mut skip = 0;
+    for p in parts.iter_mut() {
+        if n >= p.len() {
+            n -= p.len();
+            skip += 1;
+        } else {
+            let _ = p.split_to(n);
+            break;
+        }
+    }
+    parts.drain(..skip);
+    parts
 }
 
 /// Whether every part can go to an O_DIRECT write as is (address and length aligned).

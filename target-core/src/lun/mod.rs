@@ -19,6 +19,7 @@
 
 pub mod file;
 pub mod mem;
+pub mod pool;
 mod sys;
 pub mod uring;
 

@@ -113,6 +113,16 @@ impl AlignedBuf {
         self.cap
     }
 
+    /// The alignment of the allocation.
+    pub(crate) fn align(&self) -> usize {
+        self.layout.align()
+    }
+
+    /// Forgets the contents (the capacity stays).
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+    }
+
     /// The start of the allocation, for the kernel to fill.
     pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
@@ -171,6 +181,94 @@ pub(crate) fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -
         let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
         if rc == 0 {
             return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Reads up to `len` bytes at `offset` into `buf` (replacing its contents) only as far as
+/// that needs no waiting: `preadv2(2)` with `RWF_NOWAIT`, which copies what the page cache
+/// holds and fails with `EAGAIN` where it would have to wait for the device. Returns the
+/// bytes read, possibly fewer than `len`; `buf` then holds exactly those.
+///
+/// # Panics
+/// When `len` exceeds the buffer's capacity (a bug in the caller).
+pub(crate) fn pread_nowait(
+    file: &File,
+    buf: &mut AlignedBuf,
+    len: usize,
+    offset: u64,
+) -> io::Result<usize> {
+    assert!(len <= buf.capacity(), "pread_nowait beyond the buffer");
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond i64"))?;
+    buf.clear();
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    loop {
+        // SAFETY: the single iovec covers `[0, len)` of `buf`'s allocation (len <= capacity,
+        // checked above), which `&mut buf` keeps alive and unaliased for the call; the
+        // descriptor is kept open by `file`.
+        let rc = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+        if rc >= 0 {
+            let n = rc as usize;
+            // SAFETY: the kernel wrote `[0, n)` and n <= len <= capacity.
+            unsafe { buf.set_len(n) };
+            return Ok(n);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Writes the concatenation of `parts` at `offset` only as far as that needs no waiting:
+/// `pwritev2(2)` with `RWF_NOWAIT`. Returns the bytes written, possibly fewer than asked;
+/// `EAGAIN` when nothing could be written at once, `EOPNOTSUPP` where the filesystem does not
+/// offer non-blocking buffered writes.
+pub(crate) fn pwrite_nowait(file: &File, parts: &[Bytes], offset: u64) -> io::Result<usize> {
+    const INLINE: usize = 16;
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond i64"))?;
+    let iov = |b: &Bytes| libc::iovec {
+        iov_base: b.as_ptr() as *mut libc::c_void,
+        iov_len: b.len(),
+    };
+    let mut stack = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; INLINE];
+    let heap: Vec<libc::iovec>;
+    let iovecs: &[libc::iovec] = if parts.len() <= INLINE {
+        for (slot, part) in stack.iter_mut().zip(parts) {
+            *slot = iov(part);
+        }
+        &stack[..parts.len()]
+    } else {
+        // Linux takes at most UIO_MAXIOV (1024) vectors; the rest is a short write.
+        heap = parts.iter().take(1024).map(iov).collect();
+        &heap
+    };
+    loop {
+        // SAFETY: every iovec points into a `Bytes` of `parts`, borrowed for the call, and the
+        // kernel only reads through them; the descriptor is kept open by `file`.
+        let rc = unsafe {
+            libc::pwritev2(
+                file.as_raw_fd(),
+                iovecs.as_ptr(),
+                iovecs.len() as libc::c_int,
+                offset,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if rc >= 0 {
+            return Ok(rc as usize);
         }
         let err = io::Error::last_os_error();
         if err.kind() != io::ErrorKind::Interrupted {

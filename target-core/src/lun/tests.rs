@@ -847,3 +847,40 @@ fn block_device_backing_through_a_loop_device() {
         });
     }
 }
+
+#[test]
+fn cached_read_fast_path_returns_the_file_contents() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cached.img");
+    let data = pattern(9, SIZE as usize);
+    std::fs::write(&path, &data).unwrap();
+    let shared = file::FileShared::open(&config(&path, Engine::ThreadPool, false)).unwrap();
+    // Just written, so in the page cache: served inline, byte for byte.
+    let got = shared
+        .read_cached(3 * BS as u64, 5 * BS as usize)
+        .expect("cached");
+    assert_eq!(&got[..], &data[3 * BS as usize..8 * BS as usize]);
+    // O_DIRECT stores never take the fast path.
+    let direct = file::FileShared::open(&config(&path, Engine::ThreadPool, true)).unwrap();
+    assert!(direct.read_cached(0, BS as usize).is_none());
+    // Whatever the filesystem says about non-blocking writes, a write through the store
+    // lands, and reads back through the fast path.
+    let rt = runtime();
+    let store = Store::open(&config(&path, Engine::ThreadPool, false)).unwrap();
+    let new = pattern(77, 2 * BS as usize);
+    let parts = split(&new, &[100, 5000], false);
+    rt.block_on(store.write(BS as u64, parts, false)).unwrap();
+    let back = rt.block_on(store.read(BS as u64, new.len())).unwrap();
+    assert_eq!(&back[..], &new[..]);
+}
+
+#[test]
+fn advance_drops_whole_and_partial_parts() {
+    let parts = || vec![Bytes::from_static(b"abc"), Bytes::from_static(b"defg")];
+    let flat = |v: Vec<Bytes>| v.iter().flat_map(|b| b.to_vec()).collect::<Vec<u8>>();
+    assert_eq!(flat(file::advance(parts(), 0)), b"abcdefg");
+    assert_eq!(flat(file::advance(parts(), 2)), b"cdefg");
+    assert_eq!(flat(file::advance(parts(), 3)), b"defg");
+    assert_eq!(flat(file::advance(parts(), 5)), b"fg");
+    assert!(flat(file::advance(parts(), 7)).is_empty());
+}

@@ -59,8 +59,9 @@ use bytes::Bytes;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use tokio::sync::oneshot;
 
-use super::file::{is_aligned, zero_chunk, FileShared};
-use super::sys::AlignedBuf;
+use super::file::{advance, is_aligned, zero_chunk, FileShared};
+use super::pool;
+use super::sys::{AlignedBuf, DIRECT_MEM_ALIGN};
 use super::BackendError;
 
 /// Submission queue size, and the cap on operations in flight per store (the completion
@@ -219,37 +220,24 @@ enum Request {
     },
 }
 
-/// Destination of a read: capacity `len`, initialized only once the read completed.
-enum ReadBuf {
-    Heap(Vec<u8>),
-    Aligned(AlignedBuf),
-}
+/// Destination of a read: a pool buffer with capacity for `len` bytes, initialized only once
+/// the read completed.
+struct ReadBuf(AlignedBuf);
 
 impl ReadBuf {
     fn as_mut_ptr(&mut self) -> *mut u8 {
-        match self {
-            ReadBuf::Heap(v) => v.as_mut_ptr(),
-            ReadBuf::Aligned(a) => a.as_mut_ptr(),
-        }
+        self.0.as_mut_ptr()
     }
 
-    /// The first `len` bytes as [`Bytes`], without a copy.
+    /// The first `len` bytes as [`Bytes`], without a copy; the buffer goes back to the pool
+    /// when the last clone is dropped.
     ///
     /// # Safety
     /// The buffer has capacity for `len` bytes and the kernel wrote all of `[0, len)`.
-    unsafe fn into_bytes(self, len: usize) -> Bytes {
-        match self {
-            ReadBuf::Heap(mut v) => {
-                // SAFETY: capacity >= len and `[0, len)` is initialized (caller's contract).
-                unsafe { v.set_len(len) };
-                Bytes::from(v)
-            }
-            ReadBuf::Aligned(mut a) => {
-                // SAFETY: as above.
-                unsafe { a.set_len(len) };
-                Bytes::from_owner(a)
-            }
-        }
+    unsafe fn into_bytes(mut self, len: usize) -> Bytes {
+        // SAFETY: capacity >= len and `[0, len)` is initialized (caller's contract).
+        unsafe { self.0.set_len(len) };
+        pool::freeze(self.0)
     }
 }
 
@@ -379,10 +367,11 @@ impl UringStore {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let buf = match shared.direct_align() {
-            Some(align) => ReadBuf::Aligned(AlignedBuf::with_capacity(len, align)),
-            None => ReadBuf::Heap(Vec::with_capacity(len)),
-        };
+        if let Some(cached) = shared.read_cached(offset, len) {
+            return Ok(cached);
+        }
+        let align = shared.direct_align().unwrap_or(DIRECT_MEM_ALIGN);
+        let buf = ReadBuf(pool::take(len, align));
         let (tx, rx) = oneshot::channel();
         self.submit(Request::Read {
             offset,
@@ -405,6 +394,15 @@ impl UringStore {
         if total == 0 {
             return if fua { self.flush().await } else { Ok(()) };
         }
+        let (offset, data) = if fua {
+            (offset, data)
+        } else {
+            let n = shared.write_cached(offset, &data);
+            if n as u64 == total {
+                return Ok(());
+            }
+            (offset + n as u64, advance(data, n))
+        };
         let buf = match shared.direct_align() {
             Some(align) if !is_aligned(&data, align) => {
                 WriteBuf::Aligned(AlignedBuf::copy_from(&data, align))
