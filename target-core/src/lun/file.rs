@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -23,6 +23,21 @@ pub(crate) const ZERO_CHUNK: usize = 1 << 20;
 
 /// Largest read served inline from the page cache (see [`FileShared::read_cached`]).
 pub(crate) const CACHED_READ_MAX: usize = 4 << 20;
+/// Largest buffered write done inline (see [`FileShared::write_cached`]).
+pub(crate) const INLINE_WRITE_MAX: usize = 256 << 10;
+/// An inline write slower than this pauses inline writes for the store... (Wall time, so
+/// it includes preemption: well above a scheduler time slice on a loaded machine, well below
+/// what dirty-page throttling makes a writer sleep, up to 200 ms.)
+pub(crate) const INLINE_WRITE_SLOW: std::time::Duration = std::time::Duration::from_millis(20);
+/// ... for this long.
+pub(crate) const INLINE_WRITE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Nanoseconds since the first call in this process (never 0 afterwards).
+fn process_nanos() -> u64 {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    epoch.elapsed().as_nanos() as u64 + 1
+}
 
 /// A 1 MiB page-aligned buffer of zeroes, shared by every fallback write-zeroes (aligned, so
 /// it also serves O_DIRECT).
@@ -52,6 +67,8 @@ pub(crate) struct FileShared {
     nowait_read: AtomicBool,
     /// `RWF_NOWAIT` writes worked so far (cleared when the file refuses them).
     nowait_write: AtomicBool,
+    /// [`process_nanos`] until which inline blocking writes are off (0: never paused).
+    inline_paused_until: AtomicU64,
 }
 
 impl FileShared {
@@ -151,6 +168,7 @@ impl FileShared {
             zero_range: AtomicBool::new(true),
             nowait_read: AtomicBool::new(!cfg.direct),
             nowait_write: AtomicBool::new(!cfg.direct && !cfg.read_only),
+            inline_paused_until: AtomicU64::new(0),
         })
     }
 
@@ -192,19 +210,68 @@ impl FileShared {
         None
     }
 
-    /// The fast path of a buffered write without FUA: as much of `parts` as the page cache
-    /// takes at once (`pwritev2` with `RWF_NOWAIT`). Returns the bytes written, 0 when none
-    /// (the caller writes the rest asynchronously). The range is checked already.
+    /// The fast path of a buffered write without FUA, on the caller's thread. Returns the
+    /// bytes written, 0 when none (the caller writes the rest through the I/O engine). The
+    /// range is checked already.
+    ///
+    /// Where the filesystem offers non-blocking buffered writes, `pwritev2(RWF_NOWAIT)` takes
+    /// what the page cache accepts without waiting. Where it does not (ext4), a buffered write
+    /// of at most [`INLINE_WRITE_MAX`] bytes is a copy into the page cache that normally
+    /// takes microseconds, and handing it to the engine costs more than the copy; it is done
+    /// here with a plain `pwritev2`. A buffered write can still wait (dirty-page throttling,
+    /// journal commits, reclaim): one that takes longer than [`INLINE_WRITE_SLOW`] sends the
+    /// store's writes to the engine for [`INLINE_WRITE_PAUSE`], so a slow disk stalls the
+    /// caller's thread at most once per pause.
     pub(crate) fn write_cached(&self, offset: u64, parts: &[Bytes]) -> usize {
-        if !self.nowait_write.load(Ordering::Relaxed) {
+        if self.direct || self.read_only {
             return 0;
         }
-        match sys::pwrite_nowait(&self.file, parts, offset) {
-            Ok(n) => n,
-            Err(e) => {
-                self.note_nowait(&self.nowait_write, &e, "writes");
-                0
+        if self.nowait_write.load(Ordering::Relaxed) {
+            match sys::pwrite_nowait(&self.file, parts, offset) {
+                Ok(n) => return n,
+                Err(e) => {
+                    self.note_nowait(&self.nowait_write, &e, "writes");
+                    if self.nowait_write.load(Ordering::Relaxed) {
+                        return 0;
+                    }
+                }
             }
+        }
+        let total: usize = parts.iter().map(Bytes::len).sum();
+        if total > INLINE_WRITE_MAX || !self.inline_writes_allowed() {
+            return 0;
+        }
+        let start = std::time::Instant::now();
+        let res = sys::pwrite_all(&self.file, parts, offset, false);
+        let took = start.elapsed();
+        if took > INLINE_WRITE_SLOW {
+            self.pause_inline_writes(took);
+        }
+        // On an error nothing is claimed written: the engine repeats the whole write (the
+        // same bytes at the same place) and reports the failure with its full handling.
+        if res.is_ok() {
+            total
+        } else {
+            0
+        }
+    }
+
+    /// For tests: the filesystem takes `RWF_NOWAIT` writes.
+    #[cfg(test)]
+    pub(crate) fn has_nowait_writes(&self) -> bool {
+        self.nowait_write.load(Ordering::Relaxed)
+    }
+
+    fn inline_writes_allowed(&self) -> bool {
+        let until = self.inline_paused_until.load(Ordering::Relaxed);
+        until == 0 || process_nanos() >= until
+    }
+
+    pub(crate) fn pause_inline_writes(&self, took: std::time::Duration) {
+        let until = process_nanos() + INLINE_WRITE_PAUSE.as_nanos() as u64;
+        if self.inline_paused_until.swap(until, Ordering::Relaxed) == 0 {
+            tracing::debug!(path = %self.path.display(), ?took,
+                "slow buffered write; writes go through the I/O engine for a while");
         }
     }
 

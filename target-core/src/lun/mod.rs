@@ -16,6 +16,18 @@
 //!   see [`uring`] for the design. [`Engine::Auto`] uses it when [`uring_available`] says so.
 //!
 //! [`Store::open`] opens either file backend from a [`StoreConfig`].
+//!
+//! # Fast paths
+//! Both file backends first try to finish a buffered (not O_DIRECT) operation on the
+//! caller's thread, where handing it to the engine would cost more than doing it:
+//! - a read whose range is all in the page cache is copied out with `preadv2(RWF_NOWAIT)`,
+//!   which never waits for the device;
+//! - a write without FUA goes in with `pwritev2(RWF_NOWAIT)` where the filesystem supports
+//!   it, else (ext4), when at most 256 KiB, with a plain `pwritev2`; an inline write slower
+//!   than 20 ms (dirty-page throttling, journal) sends the store's writes to the engine for a
+//!   second. See `FileShared::read_cached` and `FileShared::write_cached`.
+//!
+//! Read buffers come from [`pool`], recycled when the last `Bytes` is dropped.
 
 pub mod file;
 pub mod mem;

@@ -233,6 +233,36 @@ pub(crate) fn pread_nowait(
 /// `EAGAIN` when nothing could be written at once, `EOPNOTSUPP` where the filesystem does not
 /// offer non-blocking buffered writes.
 pub(crate) fn pwrite_nowait(file: &File, parts: &[Bytes], offset: u64) -> io::Result<usize> {
+    pwritev2(file, parts, offset, libc::RWF_NOWAIT)
+}
+
+/// Writes all of `parts` at `offset` (blocking), with `RWF_DSYNC` when `dsync`: the data is
+/// on stable storage when this returns.
+pub(crate) fn pwrite_all(file: &File, parts: &[Bytes], offset: u64, dsync: bool) -> io::Result<()> {
+    let total: usize = parts.iter().map(Bytes::len).sum();
+    let flags = if dsync { libc::RWF_DSYNC } else { 0 };
+    let mut done = 0;
+    let mut rest: Vec<Bytes> = Vec::new();
+    while done < total {
+        let n = if done == 0 {
+            pwritev2(file, parts, offset, flags)?
+        } else {
+            pwritev2(file, &rest, offset + done as u64, flags)?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+        if done < total {
+            // A short write: go on from where it stopped.
+            rest = super::file::advance(parts.to_vec(), done);
+        }
+    }
+    Ok(())
+}
+
+/// One `pwritev2(2)` of `parts` (at most 1024 of them) at `offset`, retried on EINTR.
+fn pwritev2(file: &File, parts: &[Bytes], offset: u64, flags: libc::c_int) -> io::Result<usize> {
     const INLINE: usize = 16;
     let offset = libc::off_t::try_from(offset)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond i64"))?;
@@ -264,7 +294,7 @@ pub(crate) fn pwrite_nowait(file: &File, parts: &[Bytes], offset: u64) -> io::Re
                 iovecs.as_ptr(),
                 iovecs.len() as libc::c_int,
                 offset,
-                libc::RWF_NOWAIT,
+                flags,
             )
         };
         if rc >= 0 {

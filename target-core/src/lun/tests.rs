@@ -872,6 +872,14 @@ fn cached_read_fast_path_returns_the_file_contents() {
     rt.block_on(store.write(BS as u64, parts, false)).unwrap();
     let back = rt.block_on(store.read(BS as u64, new.len())).unwrap();
     assert_eq!(&back[..], &new[..]);
+    // Inline writes paused (as after a slow one): nothing is written inline, and the
+    // engine writes instead.
+    shared.pause_inline_writes(std::time::Duration::from_millis(50));
+    let n = shared.write_cached(0, &[Bytes::from_static(b"x")]);
+    assert!(
+        n == 0 || shared.has_nowait_writes(),
+        "paused: {n} bytes written inline"
+    );
 }
 
 #[test]
