@@ -286,9 +286,18 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// Starts timing `cdb` on `lu` of target `iqn`, recording into [`global`].
+    /// Starts timing `cdb` on `lu` of target `iqn`, recording into [`global`]. The LU keeps
+    /// its registry entry after the first look-up (an LU belongs to one target; a removed
+    /// LUN's entry goes with [`Registry::retain`], a re-added LUN is a new LU).
     pub fn start(iqn: Option<&str>, lu: Option<&LogicalUnit>, cdb: &[u8]) -> Probe {
-        Probe::start_in(global(), iqn, lu.map(|lu| lu.lun), cdb)
+        let armed = match (iqn, lu, IoKind::of_cdb(cdb)) {
+            (Some(iqn), Some(lu), Some(kind)) => {
+                let stats = lu.stats.get_or_init(|| global().lun(iqn, lu.lun)).clone();
+                Some((stats, kind, Instant::now()))
+            }
+            _ => None,
+        };
+        Probe { armed }
     }
 
     /// As [`Probe::start`], into `registry`.

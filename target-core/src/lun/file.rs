@@ -22,7 +22,7 @@ use super::{check_range, BackendError, StoreConfig};
 pub(crate) const ZERO_CHUNK: usize = 1 << 20;
 
 /// Largest read served inline from the page cache (see [`FileShared::read_cached`]).
-pub(crate) const CACHED_READ_MAX: usize = 4 << 20;
+pub(crate) const CACHED_READ_MAX: usize = 64 << 10;
 /// Largest buffered write done inline (see [`FileShared::write_cached`]).
 pub(crate) const INLINE_WRITE_MAX: usize = 256 << 10;
 /// An inline write slower than this pauses inline writes for the store... (Wall time, so

@@ -20,8 +20,9 @@
 //! # Fast paths
 //! Both file backends first try to finish a buffered (not O_DIRECT) operation on the
 //! caller's thread, where handing it to the engine would cost more than doing it:
-//! - a read whose range is all in the page cache is copied out with `preadv2(RWF_NOWAIT)`,
-//!   which never waits for the device;
+//! - a read of at most 64 KiB whose range is all in the page cache is copied out with
+//!   `preadv2(RWF_NOWAIT)`, which never waits for the device (larger reads go to the engine,
+//!   so that their copy runs beside the session's work: measured faster for 128 KiB reads);
 //! - a write without FUA goes in with `pwritev2(RWF_NOWAIT)` where the filesystem supports
 //!   it, else (ext4), when at most 256 KiB, with a plain `pwritev2`; an inline write slower
 //!   than 20 ms (dirty-page throttling, journal) sends the store's writes to the engine for a

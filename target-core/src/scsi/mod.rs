@@ -158,6 +158,9 @@ pub struct LogicalUnit {
     state: Mutex<LuState>,
     /// Serialises the read-modify-write commands (COMPARE AND WRITE, ORWRITE).
     read_modify_write: tokio::sync::Mutex<()>,
+    /// This LU's I/O counters in the global registry, looked up once (see
+    /// [`crate::stats::Probe::start`]).
+    pub(crate) stats: std::sync::OnceLock<Arc<crate::stats::LunStats>>,
 }
 
 #[derive(Debug, Default)]
@@ -211,6 +214,7 @@ impl LogicalUnit {
                 ..LuState::default()
             }),
             read_modify_write: tokio::sync::Mutex::new(()),
+            stats: std::sync::OnceLock::new(),
         })
     }
 

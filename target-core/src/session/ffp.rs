@@ -2,9 +2,11 @@
 //! collection with R2T, Data-In sequences, task management, NOP, text, logout.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -36,12 +38,34 @@ const GOOD: u8 = 0x00;
 const CHECK_CONDITION: u8 = 0x02;
 /// SCSI status TASK SET FULL (SAM-5 §5.3.1).
 const TASK_SET_FULL: u8 = 0x28;
+/// Commands moving at most this much data are first tried inline on the connection task
+/// (see [`Conn::spawn_command`]); larger ones get a task of their own, so that their copy
+/// can run on another core while the connection goes on reading.
+const INLINE_TRANSFER_MAX: u32 = 64 << 10;
+
+/// A CDB: the 16 bytes of the BHS, or those followed by an Extended CDB AHS (RFC 7143
+/// §11.3.5). The common case stays inline, with no allocation.
+enum Cdb {
+    Short([u8; 16]),
+    Long(Bytes),
+}
+
+impl std::ops::Deref for Cdb {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Cdb::Short(c) => c,
+            Cdb::Long(b) => b,
+        }
+    }
+}
 
 /// A write command collecting its data.
 struct WriteTask {
     cmd: ScsiCommand,
     lu: Option<Arc<LogicalUnit>>,
-    cdb: Bytes,
+    cdb: Cdb,
     /// Bytes the command will consume: min(EDTL, what the CDB transfers).
     wanted: u32,
     /// Residual between EDTL and the CDB's transfer length.
@@ -667,9 +691,9 @@ impl Conn {
                 let mut v = BytesMut::with_capacity(16 + ext.len());
                 v.extend_from_slice(&cmd.cdb);
                 v.extend_from_slice(&ext);
-                v.freeze()
+                Cdb::Long(v.freeze())
             }
-            None => Bytes::copy_from_slice(&cmd.cdb),
+            None => Cdb::Short(cmd.cdb),
         };
         // From here the command holds a slot (taken above for an immediate command, by its
         // CmdSN otherwise) that every path below gives back exactly once.
@@ -711,7 +735,7 @@ impl Conn {
     async fn start_write(
         &mut self,
         cmd: ScsiCommand,
-        cdb: Bytes,
+        cdb: Cdb,
         lu: Option<Arc<LogicalUnit>>,
         immediate: Bytes,
     ) -> Result<(), ConnectionError> {
@@ -964,7 +988,7 @@ impl Conn {
     fn spawn_command(
         &mut self,
         cmd: ScsiCommand,
-        cdb: Bytes,
+        cdb: Cdb,
         lu: Option<Arc<LogicalUnit>>,
         data_out: Vec<Bytes>,
         write: Option<(u32, Residual)>,
@@ -976,13 +1000,13 @@ impl Conn {
         let seq = self.next_seq;
         self.next_seq += 1;
         let counters = self.counters.clone();
-        let events = self.events_tx.clone();
         let nexus = self.handle.as_ref().map(|h| h.id).unwrap_or(0);
-        let luns = self
-            .target
-            .as_ref()
-            .map(|t| t.lun_numbers())
-            .unwrap_or_default();
+        // Only a command for a LUN that does not exist needs the LUN list (REPORT LUNS and
+        // the LOGICAL UNIT NOT SUPPORTED answer).
+        let luns = match (&lu, &self.target) {
+            (None, Some(t)) => t.lun_numbers(),
+            _ => Vec::new(),
+        };
         let max_seg = self.params.max_send_data_segment_length.max(512);
         let max_burst = self.params.max_burst_length.max(512);
         let itt = cmd.itt;
@@ -990,8 +1014,9 @@ impl Conn {
         let immediate = cmd.immediate;
         let iqn = self.target.as_ref().map(|t| t.iqn.as_str());
         let probe = crate::stats::Probe::start(iqn, lu.as_deref(), &cdb);
-        let handle = tokio::spawn(async move {
-            let data_out_len: u32 = data_out.iter().map(|b| b.len() as u32).sum();
+        let data_out_len: u32 = data_out.iter().map(|b| b.len() as u32).sum();
+        let inline = cmd.expected_data_transfer_length <= INLINE_TRANSFER_MAX;
+        let mut run = Box::pin(async move {
             let result = match &lu {
                 Some(lu) => lu.execute(nexus, &cdb, data_out, data_out_len).await,
                 None => scsi::execute_no_lun(&cdb, &luns),
@@ -1005,6 +1030,21 @@ impl Conn {
                 counters.release(cmd.immediate);
                 let _ = out.send(Out::Pdus(pdus)).await;
             }
+        });
+        // A command that needs no waiting (a page-cache read, a buffered write, most
+        // non-data commands) is answered right here: one poll, no task, no hand-off. A
+        // future polled once may move to its own task afterwards: it is pinned in the box,
+        // and the task's first poll installs the real waker.
+        if inline {
+            let mut cx = Context::from_waker(Waker::noop());
+            if run.as_mut().poll(&mut cx).is_ready() {
+                self.write_budget.reserved = self.write_budget.reserved.saturating_sub(reserved);
+                return;
+            }
+        }
+        let events = self.events_tx.clone();
+        let handle = tokio::spawn(async move {
+            run.await;
             let _ = events.send(TaskEvent::Done(itt, seq));
         });
         self.running.insert(

@@ -218,12 +218,13 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     let mut start = 0;
     while start < segs.len() {
         let n = {
-            let slices: Vec<IoSlice<'_>> = segs[start..]
-                .iter()
-                .take(64)
-                .map(|b| IoSlice::new(b))
-                .collect();
-            w.write_vectored(&slices).await?
+            let mut slices = [IoSlice::new(&[]); 64];
+            let mut k = 0;
+            for (slot, seg) in slices.iter_mut().zip(&segs[start..]) {
+                *slot = IoSlice::new(seg);
+                k += 1;
+            }
+            w.write_vectored(&slices[..k]).await?
         };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
