@@ -178,6 +178,13 @@ struct Conn {
     held: BTreeMap<u32, Pdu>,
     /// Text responses waiting for the initiator to ask for the next part (TTT -> rest).
     text_continuations: HashMap<Ttt, Bytes>,
+    /// The session's bound on read data held in memory, in bytes: a READ takes
+    /// min(EDTL, limit) before it executes and gives it back once its Data-In is written to
+    /// the socket. With an initiator that stops reading, its reads therefore stop at
+    /// queue_depth × MaxBurstLength bytes (a single larger read runs alone) instead of
+    /// queue_depth × the largest transfer; the semaphore is fair, so reads run in order.
+    read_budget: Arc<tokio::sync::Semaphore>,
+    read_budget_limit: u32,
     last_heard: Instant,
     ping_outstanding: Option<Ttt>,
 }
@@ -232,6 +239,7 @@ pub(super) async fn run(
     let ctx_queue_depth = ctx.options.queue_depth.max(1);
     let params_max_burst = params.max_burst_length.max(512);
     let params_max_r2t = params.max_outstanding_r2t.max(1);
+    let read_budget_limit = ctx_queue_depth.saturating_mul(params_max_burst);
     let mut conn = Conn {
         ctx,
         params,
@@ -256,6 +264,8 @@ pub(super) async fn run(
         next_ttt: 1,
         held: BTreeMap::new(),
         text_continuations: HashMap::new(),
+        read_budget: Arc::new(tokio::sync::Semaphore::new(read_budget_limit as usize)),
+        read_budget_limit,
         last_heard: Instant::now(),
         ping_outstanding: None,
     };
@@ -1016,7 +1026,19 @@ impl Conn {
         let probe = crate::stats::Probe::start(iqn, lu.as_deref(), &cdb);
         let data_out_len: u32 = data_out.iter().map(|b| b.len() as u32).sum();
         let inline = cmd.expected_data_transfer_length <= INLINE_TRANSFER_MAX;
+        // Read data waits for the session's read budget (see [`Conn::read_budget`]).
+        let need = if cmd.read {
+            cmd.expected_data_transfer_length
+                .min(self.read_budget_limit)
+        } else {
+            0
+        };
+        let budget = (need > 0).then(|| self.read_budget.clone());
         let mut run = Box::pin(async move {
+            let permit = match budget {
+                Some(b) => b.acquire_many_owned(need).await.ok(),
+                None => None,
+            };
             let result = match &lu {
                 Some(lu) => lu.execute(nexus, &cdb, data_out, data_out_len).await,
                 None => scsi::execute_no_lun(&cdb, &luns),
@@ -1028,7 +1050,7 @@ impl Conn {
             // not also report a status, RFC 7143 §4.2.3.3).
             if !task_answered.swap(true, Ordering::AcqRel) {
                 counters.release(cmd.immediate);
-                let _ = out.send(Out::Pdus(pdus)).await;
+                let _ = out.send(Out::Answer(pdus, permit)).await;
             }
         });
         // A command that needs no waiting (a page-cache read, a buffered write, most

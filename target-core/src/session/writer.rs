@@ -13,7 +13,7 @@ use iscsi_proto::pdu::Header;
 use iscsi_proto::types::{Itt, Sn};
 use iscsi_proto::{Codec, Pdu};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 /// Command-window counters shared by the reader, the command tasks and the writer.
 ///
@@ -90,6 +90,9 @@ impl Counters {
 pub enum Out {
     /// Send these PDUs in order.
     Pdus(Vec<Pdu>),
+    /// Send a command's answer in order, then give back the session read budget it held
+    /// (see `ffp::ReadBudget`): the data is in the socket then, no longer in our buffers.
+    Answer(Vec<Pdu>, Option<OwnedSemaphorePermit>),
     /// Send one PDU.
     Pdu(Pdu),
     /// Flush, then stop; the oneshot fires once everything before it was written.
@@ -167,6 +170,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
     let mut scratch = BytesMut::with_capacity(16 * 1024);
     let mut segs: Vec<Bytes> = Vec::with_capacity(64);
     let mut pdus: Vec<Pdu> = Vec::with_capacity(64);
+    let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
     loop {
         let Some(first) = rx.recv().await else {
             return Ok(());
@@ -174,6 +178,10 @@ pub async fn run<W: AsyncWrite + Unpin>(
         let mut close = None;
         let mut push = |m: Out, pdus: &mut Vec<Pdu>| match m {
             Out::Pdus(v) => pdus.extend(v),
+            Out::Answer(v, permit) => {
+                pdus.extend(v);
+                permits.extend(permit);
+            }
             Out::Pdu(p) => pdus.push(p),
             Out::Close(tx) => close = Some(tx),
         };
@@ -201,6 +209,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
             }
         }
         write_all_vectored(&mut w, &mut segs).await?;
+        permits.clear();
         if let Some(tx) = close {
             w.flush().await?;
             let _ = w.shutdown().await;

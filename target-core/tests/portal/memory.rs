@@ -163,3 +163,68 @@ async fn abort_racing_completion_keeps_window() {
     let r = i.exec(0, &tur(), 0).await.response.unwrap();
     assert_eq!(r.max_cmd_sn.0.wrapping_sub(r.exp_cmd_sn.0) + 1, 16);
 }
+
+/// Reads are bounded too: a READ takes min(EDTL, queue_depth × MaxBurstLength) of the
+/// session's read budget before it executes and gives it back once its Data-In is in the
+/// socket. An initiator that sends the whole window of large READs and then stops reading
+/// makes the target hold about one budget of read data, not queue_depth × the transfer size.
+#[tokio::test]
+async fn read_buffering_is_bounded_per_session() {
+    const QD: u32 = 8;
+    const MBL: u32 = 65536; // budget: 8 × 64 KiB = 512 KiB, so each 4 MiB READ runs alone
+    const LEN: u32 = 4 << 20;
+    const IQN: &str = "iqn.2024-01.test:read-budget";
+    let mut cfg = target(IQN, &[]);
+    let mut lun = mem_lun(0);
+    lun.backing = target_core::config::Backing::Memory {
+        size: 8 * u64::from(LEN),
+    };
+    cfg.luns.insert(0, lun);
+    let mut o = options();
+    o.queue_depth = QD;
+    let t = Target::start_with(state([cfg]), o).await;
+    let mut i = Initiator::connect_with_recv_buffer(t.addr, 64 * 1024).await;
+    i.login(
+        &Login::normal(IQN)
+            .key("MaxBurstLength", &MBL.to_string())
+            .key("MaxRecvDataSegmentLength", "65536"),
+    )
+    .await
+    .expect("login");
+    i.clear_ua(0).await;
+    let reads = || {
+        target_core::stats::global()
+            .snapshot()
+            .into_iter()
+            .find(|s| s.iqn == IQN)
+            .map_or(0, |s| s.read.ops)
+    };
+    let before = reads();
+    let mut itts = Vec::new();
+    for n in 0..QD {
+        let lba = n * (LEN / 512);
+        // READ(16): READ(10) carries at most 65535 blocks.
+        let mut c16 = [0u8; 16];
+        c16[0] = 0x88;
+        c16[2..10].copy_from_slice(&u64::from(lba).to_be_bytes());
+        c16[10..14].copy_from_slice(&(LEN / 512).to_be_bytes());
+        let c = i.command(0, &c16, LEN, Dir::Read, Bytes::new());
+        itts.push(c.header.itt());
+        i.send(&c).await;
+    }
+    // Do not read: the target fills the socket buffers, then must stop executing READs.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let executed = reads() - before;
+    // One READ whose data did not all fit in the socket buffers holds the budget; the
+    // buffers (a few MiB on loopback) may have taken one or two before it.
+    assert!(
+        executed <= 4,
+        "{executed} of {QD} 4 MiB READs executed against an initiator that reads nothing"
+    );
+    // Reading again, every READ completes with its data.
+    for itt in itts {
+        let out = i.collect(itt).await;
+        assert_eq!(out.status, GOOD);
+        assert_eq!(out.data.len(), LEN as usize);
+    }
+}

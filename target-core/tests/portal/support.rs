@@ -234,6 +234,19 @@ pub struct Initiator {
 impl Initiator {
     pub async fn connect(addr: SocketAddr) -> Initiator {
         let stream = TcpStream::connect(addr).await.expect("connect");
+        Initiator::over(stream)
+    }
+
+    /// As [`Initiator::connect`], with a small receive buffer, so that a target writing to
+    /// an initiator that does not read is held up soon.
+    pub async fn connect_with_recv_buffer(addr: SocketAddr, bytes: u32) -> Initiator {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("connect");
+        Initiator::over(stream)
+    }
+
+    fn over(stream: TcpStream) -> Initiator {
         stream.set_nodelay(true).unwrap();
         Initiator {
             stream,
