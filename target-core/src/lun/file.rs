@@ -394,19 +394,7 @@ impl FileStore {
         if let Some(cached) = self.shared.read_cached(offset, len) {
             return Ok(cached);
         }
-        let shared = self.shared.clone();
-        blocking(move || {
-            if let Some(align) = shared.direct_align() {
-                let mut buf = AlignedBuf::zeroed(len, align);
-                shared.file.read_exact_at(buf.as_mut_slice(), offset)?;
-                Ok(Bytes::from_owner(buf))
-            } else {
-                let mut buf = vec![0u8; len];
-                shared.file.read_exact_at(&mut buf, offset)?;
-                Ok(Bytes::from(buf))
-            }
-        })
-        .await
+        read_blocking(self.shared.clone(), offset, len).await
     }
 
     pub(crate) async fn write(
@@ -487,6 +475,22 @@ impl FileStore {
         let shared = self.shared.clone();
         blocking(move || zero_blocking(&shared, offset, len)).await
     }
+}
+
+/// Reads `len` bytes at `offset` into a pool buffer on tokio's blocking pool (aligned for
+/// O_DIRECT stores). The range is checked already.
+pub(crate) async fn read_blocking(
+    shared: Arc<FileShared>,
+    offset: u64,
+    len: usize,
+) -> Result<Bytes, BackendError> {
+    blocking(move || {
+        let align = shared.direct_align().unwrap_or(DIRECT_MEM_ALIGN);
+        let mut buf = pool::take(len, align);
+        sys::pread_exact(&shared.file, &mut buf, len, offset)?;
+        Ok(pool::freeze(buf))
+    })
+    .await
 }
 
 /// Zeroes a range: `FALLOC_FL_ZERO_RANGE` when the filesystem has it, else plain writes.

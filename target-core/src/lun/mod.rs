@@ -12,8 +12,11 @@
 //! - [`MemStore`]: RAM, for tests, fuzzing and demos.
 //! - [`FileStore`] ([`Engine::ThreadPool`]): blocking `pread`/`pwrite`/`fdatasync`/`fallocate`
 //!   on tokio's blocking pool. Portable; the reference in differential tests.
-//! - [`UringStore`] ([`Engine::Uring`]): one io_uring and one submitter thread per store;
-//!   see [`uring`] for the design. [`Engine::Auto`] uses it when [`uring_available`] says so.
+//! - [`UringStore`] ([`Engine::Uring`]): one io_uring per store, submitted to by the runtime
+//!   thread that runs the operation and reaped by a task on the runtime; see [`uring`] for the
+//!   design. [`Engine::Auto`] uses it when [`uring_available`] says so. With a buffered file
+//!   it carries writes, flushes and fallocate; buffered reads that miss the fast path below go
+//!   to tokio's blocking pool (a large copy or a page-cache miss runs beside the runtime).
 //!
 //! [`Store::open`] opens either file backend from a [`StoreConfig`].
 //!
@@ -21,8 +24,9 @@
 //! Both file backends first try to finish a buffered (not O_DIRECT) operation on the
 //! caller's thread, where handing it to the engine would cost more than doing it:
 //! - a read of at most 64 KiB whose range is all in the page cache is copied out with
-//!   `preadv2(RWF_NOWAIT)`, which never waits for the device (larger reads go to the engine,
-//!   so that their copy runs beside the session's work: measured faster for 128 KiB reads);
+//!   `preadv2(RWF_NOWAIT)`, which never waits for the device (larger reads go to the
+//!   blocking pool, so that their copy runs beside the session's work: measured faster for
+//!   128 KiB reads);
 //! - a write without FUA goes in with `pwritev2(RWF_NOWAIT)` where the filesystem supports
 //!   it, else (ext4), when at most 256 KiB, with a plain `pwritev2`; an inline write slower
 //!   than 20 ms (dirty-page throttling, journal) sends the store's writes to the engine for a

@@ -202,7 +202,45 @@ pub(crate) fn pread_nowait(
     len: usize,
     offset: u64,
 ) -> io::Result<usize> {
-    assert!(len <= buf.capacity(), "pread_nowait beyond the buffer");
+    pread(file, buf, len, offset, libc::RWF_NOWAIT)
+}
+
+/// Reads exactly `len` bytes at `offset` into `buf` (replacing its contents), blocking.
+/// `UnexpectedEof` when the file ends first.
+pub(crate) fn pread_exact(
+    file: &File,
+    buf: &mut AlignedBuf,
+    len: usize,
+    offset: u64,
+) -> io::Result<()> {
+    let n = pread(file, buf, len, offset, 0)?;
+    if n < len {
+        // Short read: go on into the same buffer (rare: a signal, or the end of the file).
+        let mut rest = AlignedBuf::with_capacity(len - n, DIRECT_MEM_ALIGN);
+        let mut done = n;
+        while done < len {
+            let m = pread(file, &mut rest, len - done, offset + done as u64, 0)?;
+            if m == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("end of file at offset {}", offset + done as u64),
+                ));
+            }
+            buf.extend_from_slice(rest.as_ref());
+            done += m;
+        }
+    }
+    Ok(())
+}
+
+fn pread(
+    file: &File,
+    buf: &mut AlignedBuf,
+    len: usize,
+    offset: u64,
+    flags: libc::c_int,
+) -> io::Result<usize> {
+    assert!(len <= buf.capacity(), "pread beyond the buffer");
     let offset = libc::off_t::try_from(offset)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond i64"))?;
     buf.clear();
@@ -214,7 +252,7 @@ pub(crate) fn pread_nowait(
         // SAFETY: the single iovec covers `[0, len)` of `buf`'s allocation (len <= capacity,
         // checked above), which `&mut buf` keeps alive and unaliased for the call; the
         // descriptor is kept open by `file`.
-        let rc = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+        let rc = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, flags) };
         if rc >= 0 {
             let n = rc as usize;
             // SAFETY: the kernel wrote `[0, n)` and n <= len <= capacity.

@@ -300,6 +300,9 @@ impl Conn {
         let shutdown = self.ctx.shutdown.clone();
         let mut tick =
             tokio::time::interval(Duration::from_secs(1).min(self.ctx.options.nop_interval));
+        // Created once, not per loop turn: each creation registers with the token (a lock).
+        let mut cancelled = std::pin::pin!(cancel.cancelled());
+        let mut shutting_down = std::pin::pin!(shutdown.cancelled());
         loop {
             // Decode everything already buffered before reading more.
             loop {
@@ -331,12 +334,12 @@ impl Conn {
                     }
                 }
                 Some(ev) = events.recv() => self.task_event(ev).await,
-                _ = cancel.cancelled() => {
+                _ = &mut cancelled => {
                     let reason = self.handle.as_ref().and_then(|h| h.end_reason());
                     self.end_by_target(reason.unwrap_or(EndReason::Shutdown)).await;
                     return Ok(());
                 }
-                _ = shutdown.cancelled() => {
+                _ = &mut shutting_down => {
                     self.end_by_target(EndReason::Shutdown).await;
                     return Ok(());
                 }
