@@ -112,6 +112,9 @@ run_case() {
   local kind=$1; shift
   local url="iscsi://127.0.0.1:$PORT/$IQN/1" t0 t1 res
   sync
+  # Buffered runs start from a warm page cache, the same for both targets (this machine's
+  # proactive reclaim, DAMON pageout, evicts idle page cache between runs otherwise).
+  [ "$CUR_MODE" = buffered ] && cat "$disk" >/dev/null
   t0=$(cpu_ticks "$TPID")
   case $kind in
     iperf)
@@ -202,6 +205,7 @@ log "loopback TCP ceiling (iperf3, $reps runs)"
 tcp=$(iperf_ceiling)
 IFS=, read -ra mode_list <<<"$modes"
 for mode in "${mode_list[@]}"; do
+  CUR_MODE=$mode
   for t in ktgt tgtd; do
     log "$t, $mode"
     start_target "$t" "$mode" || exit 1
