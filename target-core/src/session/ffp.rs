@@ -10,6 +10,8 @@ use std::task::{Context, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures::future::{AbortHandle, Abortable};
+use futures::stream::{FuturesUnordered, StreamExt};
 use iscsi_proto::codec::ConnectionAction;
 use iscsi_proto::negotiate::{SessionParams, SessionType};
 use iscsi_proto::pdu::{
@@ -23,7 +25,6 @@ use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -111,10 +112,13 @@ struct WriteBudget {
     waiting: VecDeque<Itt>,
 }
 
-/// A command executing in its own task.
+/// A command future that had to wait; it ends with its ITT and execution number.
+type CommandFuture = std::pin::Pin<Box<dyn Future<Output = (Itt, u64)> + Send>>;
+
+/// A command that had to wait, polled by the connection task among its [`Conn::pending`].
 struct Running {
     lun: Lun,
-    handle: JoinHandle<()>,
+    handle: AbortHandle,
     /// Tells this execution's [`TaskEvent::Done`] from a later command reusing the ITT.
     seq: u64,
     /// Set once the command's slot in the window has been given back (by the task when it
@@ -149,7 +153,7 @@ struct Residual {
     overflow: u32,
 }
 
-/// Events from command tasks back to the connection.
+/// Events from commands back to the connection.
 enum TaskEvent {
     /// The execution `seq` of `Itt` finished and its response was queued.
     Done(Itt, u64),
@@ -164,7 +168,10 @@ struct Conn {
     handle: Option<Arc<SessionHandle>>,
     out: OutTx,
     counters: Arc<Counters>,
-    events_tx: mpsc::UnboundedSender<TaskEvent>,
+    /// Commands that had to wait (an O_DIRECT read, a large copy, a flush), polled here: no
+    /// task each, so a completion wakes just this connection's task. (In a `Mutex` only to
+    /// make `Conn` `Sync`; it is reached through `get_mut`, never locked.)
+    pending: std::sync::Mutex<FuturesUnordered<Abortable<CommandFuture>>>,
     /// Commands executing, by ITT.
     running: HashMap<Itt, Running>,
     next_seq: u64,
@@ -235,7 +242,6 @@ pub(super) async fn run(
     } else {
         (None, None)
     };
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
     let ctx_queue_depth = ctx.options.queue_depth.max(1);
     let params_max_burst = params.max_burst_length.max(512);
     let params_max_r2t = params.max_outstanding_r2t.max(1);
@@ -249,7 +255,7 @@ pub(super) async fn run(
         handle,
         out: out_tx,
         counters,
-        events_tx,
+        pending: std::sync::Mutex::new(FuturesUnordered::new()),
         running: HashMap::new(),
         next_seq: 0,
         write_budget: WriteBudget {
@@ -269,7 +275,7 @@ pub(super) async fn run(
         last_heard: Instant::now(),
         ping_outstanding: None,
     };
-    let result = conn.serve(rd, rbuf, codec, events_rx).await;
+    let result = conn.serve(rd, rbuf, codec).await;
     conn.finish().await;
     let _ = writer.await;
     if let (Some(t), Some(h)) = (&conn.target, &conn.handle) {
@@ -290,7 +296,6 @@ impl Conn {
         mut rd: OwnedReadHalf,
         mut rbuf: BytesMut,
         mut codec: Codec,
-        mut events: mpsc::UnboundedReceiver<TaskEvent>,
     ) -> Result<(), ConnectionError> {
         let cancel = self
             .handle
@@ -333,7 +338,12 @@ impl Conn {
                         return Ok(());
                     }
                 }
-                Some(ev) = events.recv() => self.task_event(ev).await,
+                Some(done) = pending_next(&mut self.pending), if !self.pending_is_empty() => {
+                    // `Err`: aborted by a task management function, already accounted for.
+                    if let Ok((itt, seq)) = done {
+                        self.task_event(TaskEvent::Done(itt, seq)).await;
+                    }
+                }
                 _ = &mut cancelled => {
                     let reason = self.handle.as_ref().and_then(|h| h.end_reason());
                     self.end_by_target(reason.unwrap_or(EndReason::Shutdown)).await;
@@ -361,7 +371,7 @@ impl Conn {
 
     /// Drops the bookkeeping of an executing command (after it finished or was aborted),
     /// returning its window slot and write budget.
-    fn forget_running(&mut self, itt: Itt) -> Option<JoinHandle<()>> {
+    fn forget_running(&mut self, itt: Itt) -> Option<AbortHandle> {
         let r = self.running.remove(&itt)?;
         r.release_slot(&self.counters);
         self.write_budget.reserved = self.write_budget.reserved.saturating_sub(r.reserved);
@@ -1037,7 +1047,7 @@ impl Conn {
             0
         };
         let budget = (need > 0).then(|| self.read_budget.clone());
-        let mut run = Box::pin(async move {
+        let mut run: CommandFuture = Box::pin(async move {
             let permit = match budget {
                 Some(b) => b.acquire_many_owned(need).await.ok(),
                 None => None,
@@ -1055,6 +1065,7 @@ impl Conn {
                 counters.release(cmd.immediate);
                 let _ = out.send(Out::Answer(pdus, permit)).await;
             }
+            (itt, seq)
         });
         // A command that needs no waiting (a page-cache read, a buffered write, most
         // non-data commands) is answered right here: one poll, no task, no hand-off. A
@@ -1067,11 +1078,8 @@ impl Conn {
                 return;
             }
         }
-        let events = self.events_tx.clone();
-        let handle = tokio::spawn(async move {
-            run.await;
-            let _ = events.send(TaskEvent::Done(itt, seq));
-        });
+        let (handle, registration) = AbortHandle::new_pair();
+        self.pending_mut().push(Abortable::new(run, registration));
         self.running.insert(
             itt,
             Running {
@@ -1384,16 +1392,21 @@ impl Conn {
         Ok(true)
     }
 
-    /// Waits for running commands to finish, up to `limit`.
+    /// Waits for running commands to finish, up to `limit`; drops the rest.
     async fn drain(&mut self, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        for (_, r) in self.running.drain() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let mut h = r.handle;
-            if tokio::time::timeout(left, &mut h).await.is_err() {
-                h.abort();
-            }
-        }
+        let pending = self.pending_mut();
+        let _ =
+            tokio::time::timeout(limit, async { while pending.next().await.is_some() {} }).await;
+        self.pending_mut().clear();
+        self.running.clear();
+    }
+
+    fn pending_mut(&mut self) -> &mut FuturesUnordered<Abortable<CommandFuture>> {
+        self.pending.get_mut().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pending_is_empty(&mut self) -> bool {
+        self.pending_mut().is_empty()
     }
 
     /// The target ends the session: finish what runs (bounded), tell the initiator with an
@@ -1424,13 +1437,23 @@ impl Conn {
     }
 
     async fn finish(&mut self) {
-        for (_, r) in self.running.drain() {
-            r.handle.abort();
-        }
+        self.pending_mut().clear();
+        self.running.clear();
         self.writes.clear();
         let (tx, _rx) = tokio::sync::oneshot::channel();
         let _ = self.out.send(Out::Close(tx)).await;
     }
+}
+
+/// The next finished waiting command (see [`Conn::pending`]).
+async fn pending_next(
+    pending: &mut std::sync::Mutex<FuturesUnordered<Abortable<CommandFuture>>>,
+) -> Option<Result<(Itt, u64), futures::future::Aborted>> {
+    pending
+        .get_mut()
+        .unwrap_or_else(|e| e.into_inner())
+        .next()
+        .await
 }
 
 /// ABORTED COMMAND, 4Bh/00h DATA PHASE ERROR (SPC-4 Annex D): the Data-Out sequence was
