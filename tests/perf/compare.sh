@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Usage: tests/perf/compare.sh [--modes buffered,direct] [--reps N] [--secs S] [--size 1G] [--out FILE]
 #
-# ktgt and tgtd side by side on this machine, in one run: each serves the same backing file
+# ktgt and tgtd side by side on this machine, in one run: both serve the same backing file
 # with the same caching mode (buffered, then O_DIRECT for both: tgtd -b rdwr --bsoflags
-# direct, ktgt `direct: true`) on a loopback port, and the same real clients run against
-# each (the matrix of tests/tools/peer/perf.sh):
+# direct, ktgt `direct: true`) on loopback ports, and the same real clients run against each
+# in turn, every repetition ktgt then tgtd (the matrix of tests/tools/peer/perf.sh):
 #   qemu-img bench   64 KiB sequential writes QD8, 4 KiB strided writes QD32 (also from two
 #                    client sessions at once)
 #   iscsi-perf       4 KiB random read QD32 and QD1, 128 KiB and 1 MiB sequential read QD8,
@@ -56,7 +56,8 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 median() { sort -g | awk '{v[NR]=$1} END {print (NR ? v[int((NR+1)/2)] : "nan")}'; }
 
 TPID= PORT=
-start_target() { # NAME MODE
+declare -A T_PID T_PORT   # per target, while both run
+start_target() { # NAME MODE  (sets T_PID[NAME], T_PORT[NAME])
   PORT=$(free_port) || { log "no free port"; return 1; }
   case $1 in
     ktgt)
@@ -90,20 +91,21 @@ EOF
       TPID=$(cat "$work/peer/tgtd-$PORT/pid") ;;
   esac
   for _ in $(seq 100); do
-    iscsi-readcapacity16 "iscsi://127.0.0.1:$PORT/$IQN/1" >/dev/null 2>&1 && return 0
+    iscsi-readcapacity16 "iscsi://127.0.0.1:$PORT/$IQN/1" >/dev/null 2>&1 && { T_PID[$1]=$TPID T_PORT[$1]=$PORT; return 0; }
     sleep 0.1
   done
   log "$1 did not come up on 127.0.0.1:$PORT"; return 1
 }
 stop_target() { # NAME
+  TPID=${T_PID[$1]} PORT=${T_PORT[$1]}
   case $1 in
     ktgt) kill -TERM "$TPID" 2>/dev/null; for _ in $(seq 50); do kill -0 "$TPID" 2>/dev/null || break; sleep 0.1; done
           kill -KILL "$TPID" 2>/dev/null; wait "$TPID" 2>/dev/null ;;
     tgtd) PEER_STATE=$work/peer "$PEER/tgtd-down.sh" "$PORT" >/dev/null 2>&1 ;;
   esac
-  TPID=
+  TPID= T_PID[$1]=
 }
-trap '[ -n "$TPID" ] && kill "$TPID" 2>/dev/null' EXIT
+trap 'for p in "${T_PID[@]}"; do [ -n "$p" ] && kill "$p" 2>/dev/null; done' EXIT
 
 # One run of a case: prints "OPS BYTES SECONDS TARGET_CPU_S CLIENT_CPU_S".
 #   iperf QD BLOCKS [-r] [SESSIONS]      iscsi-perf for $secs seconds, SESSIONS in parallel
@@ -168,23 +170,32 @@ cases=(
 
 # Results: R[target|mode|case] = "iops MiB/s target_cpu_s_per_GiB client_cpu_s_per_GiB"
 declare -A R
-measure() { # TARGET MODE
-  local c name args ops moved took tcpu ccpu rate
+# Both targets serve the file at once (only one is driven at a time) and every repetition of a
+# case runs against ktgt, then tgtd: each ratio compares runs taken seconds apart, whatever the
+# machine's load does over the quarter of an hour.
+measure() { # MODE
+  local c name args ops moved took tcpu ccpu rate t r
   for c in "${cases[@]}"; do
     name=${c%%|*} args=${c#*|}
-    local iops=() mibs=() tcg=() ccg=()
-    for _ in $(seq "$reps"); do
-      # shellcheck disable=SC2086  # args are words
-      read -r ops moved took tcpu ccpu <<<"$(run_case $args)"
-      rate=$(awk -v o="$ops" -v t="$took" 'BEGIN { printf "%.0f", (t > 0 ? o / t : 0) }')
-      iops+=("$rate")
-      mibs+=("$(awk -v r="$rate" -v o="$ops" -v m="$moved" 'BEGIN { printf "%.1f", (o ? r * m / o : 0) / 1048576 }')")
-      tcg+=("$(awk -v c="$tcpu" -v m="$moved" 'BEGIN { printf "%.3f", (m ? c / (m / 1073741824) : 0) }')")
-      ccg+=("$(awk -v c="$ccpu" -v m="$moved" 'BEGIN { printf "%.3f", (m ? c / (m / 1073741824) : 0) }')")
-      echo "$1 $2 | $name | $rate ops/s, target ${tcpu}s, client ${ccpu}s CPU" >>"$work/raw.log"
+    declare -A L=()
+    for r in $(seq "$reps"); do
+      for t in ktgt tgtd; do
+        TPID=${T_PID[$t]} PORT=${T_PORT[$t]}
+        # shellcheck disable=SC2086  # args are words
+        read -r ops moved took tcpu ccpu <<<"$(run_case $args)"
+        rate=$(awk -v o="$ops" -v t="$took" 'BEGIN { printf "%.0f", (t > 0 ? o / t : 0) }')
+        L[$t|iops]+="$rate "
+        L[$t|mibs]+="$(awk -v r="$rate" -v o="$ops" -v m="$moved" 'BEGIN { printf "%.1f", (o ? r * m / o : 0) / 1048576 }') "
+        L[$t|tcg]+="$(awk -v c="$tcpu" -v m="$moved" 'BEGIN { printf "%.3f", (m ? c / (m / 1073741824) : 0) }') "
+        L[$t|ccg]+="$(awk -v c="$ccpu" -v m="$moved" 'BEGIN { printf "%.3f", (m ? c / (m / 1073741824) : 0) }') "
+        echo "$t $1 | $name | run $r: $rate ops/s, target ${tcpu}s, client ${ccpu}s CPU" >>"$work/raw.log"
+      done
     done
-    R[$1|$2|$name]="$(printf '%s\n' "${iops[@]}" | median) $(printf '%s\n' "${mibs[@]}" | median) $(printf '%s\n' "${tcg[@]}" | median) $(printf '%s\n' "${ccg[@]}" | median)"
-    log "$1 $2: $name: ${R[$1|$2|$name]}"
+    for t in ktgt tgtd; do
+      R[$t|$1|$name]="$(tr ' ' '\n' <<<"${L[$t|iops]}" | awk NF | median) $(tr ' ' '\n' <<<"${L[$t|mibs]}" | awk NF | median) $(tr ' ' '\n' <<<"${L[$t|tcg]}" | awk NF | median) $(tr ' ' '\n' <<<"${L[$t|ccg]}" | awk NF | median)"
+      log "$t $1: $name: ${R[$t|$1|$name]}"
+    done
+    unset L
   done
 }
 
@@ -206,12 +217,12 @@ tcp=$(iperf_ceiling)
 IFS=, read -ra mode_list <<<"$modes"
 for mode in "${mode_list[@]}"; do
   CUR_MODE=$mode
-  for t in ktgt tgtd; do
-    log "$t, $mode"
-    start_target "$t" "$mode" || exit 1
-    measure "$t" "$mode"
-    stop_target "$t"
-  done
+  log "$mode: ktgt and tgtd on the same file"
+  start_target ktgt "$mode" || exit 1
+  start_target tgtd "$mode" || exit 1
+  measure "$mode"
+  stop_target ktgt
+  stop_target tgtd
 done
 
 {
