@@ -807,6 +807,18 @@ impl Ring {
         }
     }
 
+    /// The reaper cannot go on: every operation fails from now on (those in flight keep
+    /// their memory, leaked, since the kernel may still use it).
+    fn fail(&self, e: &dyn std::fmt::Display, what: &str) {
+        tracing::error!(path = %self.file.path.display(), error = %e,
+            "{what}; the store's operations fail");
+        let mut st = self.lock();
+        st.dead = true;
+        st.slab.abandon_all();
+        st.backlog.clear();
+        st.in_ring = 0;
+    }
+
     /// The last handle is gone: wake the reaper so it finishes and exits.
     fn close(&self) {
         self.lock().closing = true;
@@ -968,14 +980,7 @@ async fn reap(ring: Arc<Ring>) {
         unsafe { AsyncFd::register_with_interest(EventFd(ring.clone()), Interest::READABLE) };
     let afd = match registered {
         Ok(afd) => afd,
-        Err(e) => {
-            tracing::error!(path = %ring.file.path.display(), error = %e,
-                "cannot watch the io_uring eventfd; the store's operations fail");
-            let mut st = ring.lock();
-            st.dead = true;
-            st.slab.abandon_all();
-            return;
-        }
+        Err(e) => return ring.fail(&e, "cannot watch the io_uring eventfd"),
     };
     let mut finished = Vec::with_capacity(MAX_IN_FLIGHT);
     loop {
@@ -988,14 +993,7 @@ async fn reap(ring: Arc<Ring>) {
         }
         let mut ready = match afd.readable().await {
             Ok(ready) => ready,
-            Err(e) => {
-                tracing::error!(path = %ring.file.path.display(), error = %e,
-                    "io_uring eventfd failed; the store's operations fail");
-                let mut st = ring.lock();
-                st.dead = true;
-                st.slab.abandon_all();
-                return;
-            }
+            Err(e) => return ring.fail(&e, "the io_uring eventfd failed"),
         };
         // Empty the counter before reaping: a CQE posted after this raises a new edge.
         // `try_io` clears the readiness only when the read says EAGAIN.
