@@ -202,7 +202,8 @@ pub(crate) fn pread_nowait(
     len: usize,
     offset: u64,
 ) -> io::Result<usize> {
-    pread(file, buf, len, offset, libc::RWF_NOWAIT)
+    buf.clear();
+    pread_append(file, buf, len, offset, libc::RWF_NOWAIT)
 }
 
 /// Reads exactly `len` bytes at `offset` into `buf` (replacing its contents), blocking.
@@ -213,50 +214,53 @@ pub(crate) fn pread_exact(
     len: usize,
     offset: u64,
 ) -> io::Result<()> {
-    let n = pread(file, buf, len, offset, 0)?;
-    if n < len {
-        // Short read: go on into the same buffer (rare: a signal, or the end of the file).
-        let mut rest = AlignedBuf::with_capacity(len - n, DIRECT_MEM_ALIGN);
-        let mut done = n;
-        while done < len {
-            let m = pread(file, &mut rest, len - done, offset + done as u64, 0)?;
-            if m == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("end of file at offset {}", offset + done as u64),
-                ));
-            }
-            buf.extend_from_slice(rest.as_ref());
-            done += m;
+    buf.clear();
+    // Short reads (a signal, the end of the file) go on where they stopped.
+    while buf.as_ref().len() < len {
+        let done = buf.as_ref().len();
+        if pread_append(file, buf, len - done, offset + done as u64, 0)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("end of file at offset {}", offset + done as u64),
+            ));
         }
     }
     Ok(())
 }
 
-fn pread(
+/// One `preadv2(2)` of up to `len` bytes at `offset`, appended to `buf`'s contents; retried
+/// on EINTR. Returns the bytes read.
+///
+/// # Panics
+/// When the bytes would not fit in the buffer's capacity (a bug in the caller).
+fn pread_append(
     file: &File,
     buf: &mut AlignedBuf,
     len: usize,
     offset: u64,
     flags: libc::c_int,
 ) -> io::Result<usize> {
-    assert!(len <= buf.capacity(), "pread beyond the buffer");
+    let start = buf.as_ref().len();
+    assert!(
+        len <= buf.capacity() - start,
+        "pread beyond the buffer's capacity"
+    );
     let offset = libc::off_t::try_from(offset)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond i64"))?;
-    buf.clear();
     let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
+        iov_base: buf.as_mut_ptr().wrapping_add(start).cast(),
         iov_len: len,
     };
     loop {
-        // SAFETY: the single iovec covers `[0, len)` of `buf`'s allocation (len <= capacity,
-        // checked above), which `&mut buf` keeps alive and unaliased for the call; the
-        // descriptor is kept open by `file`.
+        // SAFETY: the single iovec covers `[start, start + len)` of `buf`'s allocation
+        // (checked against the capacity above), which `&mut buf` keeps alive and unaliased
+        // for the call; the descriptor is kept open by `file`.
         let rc = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, flags) };
         if rc >= 0 {
             let n = rc as usize;
-            // SAFETY: the kernel wrote `[0, n)` and n <= len <= capacity.
-            unsafe { buf.set_len(n) };
+            // SAFETY: `[0, start)` was initialized already, the kernel wrote
+            // `[start, start + n)`, and n <= len, so start + n <= capacity.
+            unsafe { buf.set_len(start + n) };
             return Ok(n);
         }
         let err = io::Error::last_os_error();
