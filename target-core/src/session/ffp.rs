@@ -39,10 +39,6 @@ const GOOD: u8 = 0x00;
 const CHECK_CONDITION: u8 = 0x02;
 /// SCSI status TASK SET FULL (SAM-5 §5.3.1).
 const TASK_SET_FULL: u8 = 0x28;
-/// Commands moving at most this much data are first tried inline on the connection task
-/// (see [`Conn::spawn_command`]); larger ones get a task of their own, so that their copy
-/// can run on another core while the connection goes on reading.
-const INLINE_TRANSFER_MAX: u32 = 64 << 10;
 
 /// A CDB: the 16 bytes of the BHS, or those followed by an Extended CDB AHS (RFC 7143
 /// §11.3.5). The common case stays inline, with no allocation.
@@ -1038,7 +1034,6 @@ impl Conn {
         let iqn = self.target.as_ref().map(|t| t.iqn.as_str());
         let probe = crate::stats::Probe::start(iqn, lu.as_deref(), &cdb);
         let data_out_len: u32 = data_out.iter().map(|b| b.len() as u32).sum();
-        let inline = cmd.expected_data_transfer_length <= INLINE_TRANSFER_MAX;
         // Read data waits for the session's read budget (see [`Conn::read_budget`]).
         let need = if cmd.read {
             cmd.expected_data_transfer_length
@@ -1068,15 +1063,14 @@ impl Conn {
             (itt, seq)
         });
         // A command that needs no waiting (a page-cache read, a buffered write, most
-        // non-data commands) is answered right here: one poll, no task, no hand-off. A
-        // future polled once may move to its own task afterwards: it is pinned in the box,
-        // and the task's first poll installs the real waker.
-        if inline {
-            let mut cx = Context::from_waker(Waker::noop());
-            if run.as_mut().poll(&mut cx).is_ready() {
-                self.write_budget.reserved = self.write_budget.reserved.saturating_sub(reserved);
-                return;
-            }
+        // non-data commands) is answered right here: one poll, no hand-off. One that returns
+        // Pending joins `pending`: it is pinned in its box, so it may move there after this
+        // poll, and the set's next poll installs the real waker. (Large copies do not run
+        // here either way: the store hands them to the blocking pool.)
+        let mut cx = Context::from_waker(Waker::noop());
+        if run.as_mut().poll(&mut cx).is_ready() {
+            self.write_budget.reserved = self.write_budget.reserved.saturating_sub(reserved);
+            return;
         }
         let (handle, registration) = AbortHandle::new_pair();
         self.pending_mut().push(Abortable::new(run, registration));
