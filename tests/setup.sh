@@ -8,7 +8,7 @@
 #                  (tests/tools/initiator-vm/build.sh: kernel + initramfs in its out/)
 # Options: --tgt      also tgt (tgtd, tgtadm): the reference target (E2E_TARGET=tgtd, goldens)
 #          --capture  also tcpdump (tests/tools/capture-goldens.sh)
-#          --perf     also iperf3 (tests/tools/peer/perf.sh)
+#          --perf     also iperf3 and time (tests/tools/peer/perf.sh, tests/perf/compare.sh)
 #          --no-vm    skip the initiator VM
 # Non-interactive (CI=true, no stdin is fine). Never leaves a service listening on a
 # non-loopback address: Debian's tgt package would start tgt.service on 0.0.0.0:3260 where
@@ -31,7 +31,7 @@ want=(libiscsi-bin libiscsi7 iproute2)   # iproute2: ss, used to find free ports
 ((with_vm)) && want+=(qemu-system-x86 socat cpio kmod gzip)
 ((with_tgt)) && want+=(tgt)
 ((with_capture)) && want+=(tcpdump)
-((with_perf)) && want+=(iperf3)
+((with_perf)) && want+=(iperf3 time)   # time: /usr/bin/time for client CPU (tests/perf)
 need=()
 for p in "${want[@]}"; do installed "$p" || need+=("$p"); done
 command -v qemu-img >/dev/null || need+=(qemu-utils)

@@ -206,8 +206,9 @@ iperf_ceiling() {
   local p pid v vals=()
   for _ in $(seq "$reps"); do
     p=$(free_port); iperf3 -s -1 -B 127.0.0.1 -p "$p" >/dev/null 2>&1 & pid=$!; sleep 0.5
-    v=$(timeout 30 iperf3 -c 127.0.0.1 -p "$p" -t 5 -J 2>/dev/null |
-        python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 8 / 1048576)')
+    # "-f M": MBytes/sec (2^20 bytes), read off the receiver's summary line.
+    v=$(timeout 30 iperf3 -c 127.0.0.1 -p "$p" -t 5 -f M 2>/dev/null |
+        awk '/receiver/ { for (i = 2; i <= NF; i++) if ($i == "MBytes/sec") print $(i - 1) }')
     kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
     vals+=("$v")
   done
