@@ -13,6 +13,7 @@ use target_core::lun::Engine;
 use target_core::portal::Portal;
 use target_core::session::SessionOptions;
 use target_core::table::TargetTable;
+use target_core::workers::Workers;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -99,6 +100,14 @@ struct ServeArgs {
     /// Seconds without traffic before the connection is dropped.
     #[arg(long, default_value_t = 30)]
     nop_timeout: u64,
+    /// Microseconds an idle connection polls its socket for the next command before it
+    /// sleeps; 0 turns polling off.
+    #[arg(long, default_value_t = 50)]
+    busy_poll_us: u64,
+    /// Threads that serve connections, each session on one of them for its whole life
+    /// (default: one per CPU); 0 serves them on the agent's shared runtime instead.
+    #[arg(long)]
+    conn_threads: Option<usize>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -127,7 +136,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Standalone { config, serve } => {
             let source = config.map(Source::File).unwrap_or(Source::Embedded);
-            rt.block_on(standalone(source, serve))
+            let workers = serve.workers()?;
+            let r = rt.block_on(standalone(source, serve, workers.clone()));
+            // The threads stop (and are joined) here, after the stores were flushed.
+            drop(workers);
+            r
         }
         Command::Kubernetes {
             node_name,
@@ -138,7 +151,10 @@ fn main() -> anyhow::Result<()> {
                 Some(n) if !n.is_empty() => n,
                 _ => anyhow::bail!("--node-name (or $NODE_NAME) is required"),
             };
-            rt.block_on(kubernetes(node, metrics_addr, serve))
+            let workers = serve.workers()?;
+            let r = rt.block_on(kubernetes(node, metrics_addr, serve, workers.clone()));
+            drop(workers);
+            r
         }
         Command::Check { config } => {
             let desired = load(&Source::File(config))?;
@@ -194,17 +210,35 @@ impl ServeArgs {
         }
     }
 
+    /// The connection threads, started before the async runtime (see
+    /// [`target_core::workers`]); `None` with `--conn-threads 0`.
+    fn workers(&self) -> anyhow::Result<Option<Arc<Workers>>> {
+        let n = self.conn_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        if n == 0 {
+            return Ok(None);
+        }
+        let w = Workers::start(n).context("starting the connection threads")?;
+        Ok(Some(Arc::new(w)))
+    }
+
     fn session_options(&self) -> SessionOptions {
         SessionOptions {
             queue_depth: self.queue_depth.max(1),
             nop_interval: Duration::from_secs(self.nop_interval.max(1)),
             nop_timeout: Duration::from_secs(self.nop_timeout.max(2)),
+            busy_poll: Duration::from_micros(self.busy_poll_us),
             ..SessionOptions::default()
         }
     }
 }
 
-async fn standalone(source: Source, args: ServeArgs) -> anyhow::Result<()> {
+async fn standalone(
+    source: Source,
+    args: ServeArgs,
+    workers: Option<Arc<Workers>>,
+) -> anyhow::Result<()> {
     let desired = load(&source).with_context(|| format!("invalid configuration: {source}"))?;
     let table = TargetTable::new();
     table.set_engine(args.engine());
@@ -216,7 +250,11 @@ async fn standalone(source: Source, args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let options = args.session_options();
-    let portal = Portal::bind(&args.listen, table.clone(), options, args.max_connections).await?;
+    let mut portal =
+        Portal::bind(&args.listen, table.clone(), options, args.max_connections).await?;
+    if let Some(w) = workers {
+        portal = portal.with_workers(w);
+    }
     let shutdown = CancellationToken::new();
     let serve = tokio::spawn(portal.serve(shutdown.clone()));
     info!(config = %source, targets = desired.targets.len(), "ktgt-agent ready");
@@ -253,7 +291,12 @@ async fn reload(source: &Source, table: &Arc<TargetTable>) {
 
 /// Cluster mode: the portal, the telemetry server and the Target controller, until
 /// SIGTERM/SIGINT.
-async fn kubernetes(node: String, metrics_addr: SocketAddr, args: ServeArgs) -> anyhow::Result<()> {
+async fn kubernetes(
+    node: String,
+    metrics_addr: SocketAddr,
+    args: ServeArgs,
+    workers: Option<Arc<Workers>>,
+) -> anyhow::Result<()> {
     use ktgt_agent::kube as cluster;
     use ktgt_operator::telemetry::{self, Readiness, ReconcileMetrics, TelemetryServer};
 
@@ -274,13 +317,16 @@ async fn kubernetes(node: String, metrics_addr: SocketAddr, args: ServeArgs) -> 
     let shutdown = CancellationToken::new();
     let telemetry_task = tokio::spawn(server.serve(shutdown.clone()));
 
-    let portal = Portal::bind(
+    let mut portal = Portal::bind(
         &args.listen,
         table.clone(),
         args.session_options(),
         args.max_connections,
     )
     .await?;
+    if let Some(w) = workers {
+        portal = portal.with_workers(w);
+    }
     readiness.set(cluster::READY_PORTAL, true);
     let serve = tokio::spawn(portal.serve(shutdown.clone()));
     let controller = tokio::spawn(cluster::run(

@@ -14,6 +14,7 @@ pub mod scsi;
 pub mod session;
 pub mod stats;
 pub mod table;
+pub mod workers;
 
 /// A CHAP secret for the login machine, or `None` if it violates RFC 7143 §12.1.3's length
 /// rule (configuration loaders refuse such secrets earlier, with a message naming the field).

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::session::{serve_connection, ConnectionContext, SessionOptions};
 use crate::table::{EndReason, TargetTable};
+use crate::workers::Workers;
 
 /// A set of bound listen sockets serving one target table.
 pub struct Portal {
@@ -19,6 +20,8 @@ pub struct Portal {
     table: Arc<TargetTable>,
     options: Arc<SessionOptions>,
     max_connections: usize,
+    /// Where connections run; `None`: on the runtime that runs [`Portal::serve`].
+    workers: Option<Arc<Workers>>,
 }
 
 impl Portal {
@@ -42,7 +45,15 @@ impl Portal {
             table,
             options: Arc::new(options),
             max_connections: max_connections.max(1),
+            workers: None,
         })
+    }
+
+    /// Runs each accepted connection on one of `workers`' threads (see [`crate::workers`])
+    /// instead of on the runtime that runs [`Portal::serve`].
+    pub fn with_workers(mut self, workers: Arc<Workers>) -> Portal {
+        self.workers = Some(workers);
+        self
     }
 
     /// The addresses actually bound (useful with port 0).
@@ -71,6 +82,7 @@ impl Portal {
             let tracker2 = tracker.clone();
             let permits = permits.clone();
             let shutdown = shutdown.clone();
+            let workers = self.workers.clone();
             tracker.spawn(async move {
                 loop {
                     let accepted = tokio::select! {
@@ -92,10 +104,30 @@ impl Portal {
                         continue;
                     };
                     let ctx = ctx.clone();
-                    tracker2.spawn(async move {
-                        serve_connection(stream, peer, ctx).await;
+                    let Some(workers) = &workers else {
+                        tracker2.spawn(async move {
+                            serve_connection(stream, peer, ctx).await;
+                            drop(permit);
+                        });
+                        continue;
+                    };
+                    // The socket leaves this runtime's reactor and joins the worker's.
+                    let std_stream = match stream.into_std() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            warn!(%peer, error = %e, "cannot hand the connection over; closing");
+                            continue;
+                        }
+                    };
+                    workers.spawn(tracker2.track_future(async move {
+                        match tokio::net::TcpStream::from_std(std_stream) {
+                            Ok(stream) => serve_connection(stream, peer, ctx).await,
+                            Err(e) => {
+                                warn!(%peer, error = %e, "cannot register the connection; closing")
+                            }
+                        }
                         drop(permit);
-                    });
+                    }));
                 }
             });
         }

@@ -15,6 +15,8 @@ mod lifecycle;
 mod login;
 #[path = "portal/memory.rs"]
 mod memory;
+#[path = "portal/polling.rs"]
+mod polling;
 #[path = "portal/window.rs"]
 mod window;
 #[path = "portal/writes.rs"]

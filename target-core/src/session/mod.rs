@@ -47,6 +47,8 @@ pub struct SessionOptions {
     pub drain_timeout: Duration,
     /// TargetPortalGroupTag advertised for every portal.
     pub portal_group_tag: u16,
+    /// How long an idle connection polls its socket before it sleeps (zero: never polls).
+    pub busy_poll: Duration,
 }
 
 impl Default for SessionOptions {
@@ -59,6 +61,7 @@ impl Default for SessionOptions {
             login_timeout: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(10),
             portal_group_tag: 1,
+            busy_poll: Duration::from_micros(50),
         }
     }
 }

@@ -21,6 +21,7 @@ use target_core::config::{
 use target_core::portal::Portal;
 use target_core::session::SessionOptions;
 use target_core::table::TargetTable;
+use target_core::workers::Workers;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -103,12 +104,24 @@ impl Target {
     }
 
     pub async fn start_with(desired: DesiredState, opts: SessionOptions) -> Target {
+        Target::start_on(desired, opts, None).await
+    }
+
+    /// With `workers`, connections run on those threads (as in the agent).
+    pub async fn start_on(
+        desired: DesiredState,
+        opts: SessionOptions,
+        workers: Option<Arc<Workers>>,
+    ) -> Target {
         let table = TargetTable::new();
         let report = table.apply(&desired).await;
         assert!(report.errors.is_empty(), "apply: {:?}", report.errors);
-        let portal = Portal::bind(&["127.0.0.1:0".parse().unwrap()], table.clone(), opts, 64)
+        let mut portal = Portal::bind(&["127.0.0.1:0".parse().unwrap()], table.clone(), opts, 64)
             .await
             .expect("bind loopback");
+        if let Some(w) = workers {
+            portal = portal.with_workers(w);
+        }
         let addr = portal.local_addrs()[0];
         let cancel = CancellationToken::new();
         let serve = tokio::spawn(portal.serve(cancel.clone()));
