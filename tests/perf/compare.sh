@@ -15,7 +15,7 @@
 # moved of the target process (all its threads, io_uring workers included) and of the
 # clients. One markdown table per mode goes to stdout and to --out (default
 # target/perf/compare-<date>.md). Needs root for apt (tests/setup.sh --tgt --perf --no-vm),
-# DESTRUCTIVE only for its own backing file under target/perf/. Takes about 10 minutes.
+# DESTRUCTIVE only for its own backing file under target/perf/. Takes about 15 minutes.
 # Env: KTGT_AGENT=path uses that agent binary instead of building one.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
