@@ -101,13 +101,14 @@ struct ServeArgs {
     #[arg(long, default_value_t = 30)]
     nop_timeout: u64,
     /// Microseconds an idle connection polls its socket for the next command before it
-    /// sleeps; 0 turns polling off.
-    #[arg(long, default_value_t = 50)]
+    /// sleeps; 0 turns polling off. At most 1000 (a polling connection watches nothing
+    /// else, shutdown included, for that long).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1000))]
     busy_poll_us: u64,
     /// Threads that serve connections, each session on one of them for its whole life
     /// (default: one per CPU); 0 serves them on the agent's shared runtime instead.
-    #[arg(long)]
-    conn_threads: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    conn_threads: Option<u16>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -213,9 +214,10 @@ impl ServeArgs {
     /// The connection threads, started before the async runtime (see
     /// [`target_core::workers`]); `None` with `--conn-threads 0`.
     fn workers(&self) -> anyhow::Result<Option<Arc<Workers>>> {
-        let n = self.conn_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-        });
+        let n = self.conn_threads.map_or_else(
+            || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            usize::from,
+        );
         if n == 0 {
             return Ok(None);
         }

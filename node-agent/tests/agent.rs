@@ -3,7 +3,8 @@
 //!
 //! `kubernetes_mode_end_to_end` runs the real `ktgt-agent kubernetes` against a scripted
 //! in-process API server and logs in with libiscsi's tools (`iscsi-ls`, `iscsi-inq`; skipped
-//! with a message when they are not installed).
+//! with a message when they are not installed). The CLI tests check that bad flags are
+//! refused by name.
 
 #[path = "support/fake_apiserver.rs"]
 mod fake_apiserver;
@@ -406,4 +407,21 @@ async fn kubernetes_mode_end_to_end() {
         "{events:?}"
     );
     drop(agent);
+}
+
+/// Out-of-range tuning flags are refused before anything starts, naming the flag.
+#[test]
+fn cli_refuses_out_of_range_polling_and_thread_counts() {
+    for (flag, value) in [("--busy-poll-us", "5000"), ("--conn-threads", "5000")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))
+            .args(["standalone", "--listen", "127.0.0.1:0", flag, value])
+            .output()
+            .expect("run ktgt-agent");
+        assert!(!out.status.success(), "{flag} {value} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(flag) && err.contains("not in"),
+            "{flag}: unhelpful error: {err}"
+        );
+    }
 }

@@ -47,7 +47,10 @@ pub struct SessionOptions {
     pub drain_timeout: Duration,
     /// TargetPortalGroupTag advertised for every portal.
     pub portal_group_tag: u16,
-    /// How long an idle connection polls its socket before it sleeps (zero: never polls).
+    /// How long a connection whose last command was answered inline polls its socket for
+    /// the next one before it sleeps (zero: never polls). Keep it short (the agent allows
+    /// at most 1 ms): while it polls, the connection watches nothing else, shutdown
+    /// included. See `read_polling` in `session/ffp.rs` and docs/design/sessions.md.
     pub busy_poll: Duration,
 }
 
