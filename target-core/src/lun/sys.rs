@@ -284,20 +284,34 @@ pub(crate) fn pwrite_all(file: &File, parts: &[Bytes], offset: u64, dsync: bool)
     let total: usize = parts.iter().map(Bytes::len).sum();
     let flags = if dsync { libc::RWF_DSYNC } else { 0 };
     let mut done = 0;
+    // After a short write: a copy of `parts` whose first unwritten part starts at `rest[first]`,
+    // advanced in place, so an initiator that splits a write into thousands of tiny Data-Out
+    // segments (more than one call's 1024 iovecs) costs linear, not quadratic, work.
     let mut rest: Vec<Bytes> = Vec::new();
+    let mut first = 0;
     while done < total {
         let n = if done == 0 {
             pwritev2(file, parts, offset, flags)?
         } else {
-            pwritev2(file, &rest, offset + done as u64, flags)?
+            pwritev2(file, &rest[first..], offset + done as u64, flags)?
         };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
+        if done == 0 && n < total {
+            rest = parts.to_vec();
+        }
         done += n;
-        if done < total {
-            // A short write: go on from where it stopped.
-            rest = super::file::advance(parts.to_vec(), done);
+        let mut left = n;
+        while left > 0 && first < rest.len() {
+            let len = rest[first].len();
+            if left >= len {
+                left -= len;
+                first += 1;
+            } else {
+                let _ = rest[first].split_to(left);
+                left = 0;
+            }
         }
     }
     Ok(())
