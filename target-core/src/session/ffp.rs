@@ -111,6 +111,9 @@ struct WriteBudget {
 /// A command future that had to wait; it ends with its ITT and execution number.
 type CommandFuture = std::pin::Pin<Box<dyn Future<Output = (Itt, u64)> + Send>>;
 
+/// The connection's waiting commands (see [`Conn::pending`]).
+type PendingSet = FuturesUnordered<Abortable<CommandFuture>>;
+
 /// A command that had to wait, polled by the connection task among its [`Conn::pending`].
 struct Running {
     lun: Lun,
@@ -167,7 +170,7 @@ struct Conn {
     /// Commands that had to wait (an O_DIRECT read, a large copy, a flush), polled here: no
     /// task each, so a completion wakes just this connection's task. (In a `Mutex` only to
     /// make `Conn` `Sync`; it is reached through `get_mut`, never locked.)
-    pending: std::sync::Mutex<FuturesUnordered<Abortable<CommandFuture>>>,
+    pending: std::sync::Mutex<PendingSet>,
     /// Commands executing, by ITT.
     running: HashMap<Itt, Running>,
     next_seq: u64,
@@ -324,8 +327,8 @@ async fn read_polling(
     // The wall clock, not tokio's (which a test may pause).
     let start = std::time::Instant::now();
     let mut task_yield = start;
+    let sock = socket2::SockRef::from(rd.as_ref());
     loop {
-        let sock = socket2::SockRef::from(rd.as_ref());
         let mut probe = [MaybeUninit::<u8>::uninit(); 1];
         match sock.peek(&mut probe) {
             Ok(0) => return Some(Ok(0)),
@@ -362,21 +365,28 @@ async fn poll_read_once(
 }
 
 /// One non-blocking read of what the socket holds (at most 16 KiB) onto the end of `rbuf`.
+///
+/// Through a per-thread scratch buffer: reading into `rbuf`'s spare capacity directly would
+/// need `unsafe`, and zeroing 16 KiB of it first costs more than copying the few bytes a
+/// command usually is.
 fn read_now(sock: &socket2::Socket, rbuf: &mut BytesMut) -> std::io::Result<usize> {
     use std::io::Read;
     const CHUNK: usize = 16 * 1024;
-    let old = rbuf.len();
-    // Zeroed first: reading into the spare capacity directly would need `unsafe`.
-    rbuf.resize(old + CHUNK, 0);
-    let mut reader = sock;
-    let r = loop {
-        match reader.read(&mut rbuf[old..]) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            r => break r,
-        }
-    };
-    rbuf.truncate(old + *r.as_ref().unwrap_or(&0));
-    r
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+            std::cell::RefCell::new(vec![0; CHUNK].into_boxed_slice());
+    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        let mut reader = sock;
+        let n = loop {
+            match reader.read(scratch) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
+        };
+        rbuf.extend_from_slice(&scratch[..n]);
+        Ok(n)
+    })
 }
 
 /// When to busy-poll (see [`read_polling`]): always while polls find the next command;
@@ -1539,8 +1549,8 @@ impl Conn {
         self.running.clear();
     }
 
-    fn pending_mut(&mut self) -> &mut FuturesUnordered<Abortable<CommandFuture>> {
-        self.pending.get_mut().unwrap_or_else(|e| e.into_inner())
+    fn pending_mut(&mut self) -> &mut PendingSet {
+        pending_set(&mut self.pending)
     }
 
     fn pending_is_empty(&mut self) -> bool {
@@ -1583,15 +1593,17 @@ impl Conn {
     }
 }
 
+/// The set behind [`Conn::pending`] (its `Mutex` is never locked, only reached through
+/// `get_mut`). A free function so that `serve` can borrow the field alone.
+fn pending_set(pending: &mut std::sync::Mutex<PendingSet>) -> &mut PendingSet {
+    pending.get_mut().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The next finished waiting command (see [`Conn::pending`]).
 async fn pending_next(
-    pending: &mut std::sync::Mutex<FuturesUnordered<Abortable<CommandFuture>>>,
+    pending: &mut std::sync::Mutex<PendingSet>,
 ) -> Option<Result<(Itt, u64), futures::future::Aborted>> {
-    pending
-        .get_mut()
-        .unwrap_or_else(|e| e.into_inner())
-        .next()
-        .await
+    pending_set(pending).next().await
 }
 
 /// ABORTED COMMAND, 4Bh/00h DATA PHASE ERROR (SPC-4 Annex D): the Data-Out sequence was
