@@ -42,16 +42,19 @@ impl Workers {
     /// Starts `n` threads (at least one), named `ktgt-conn-0`...; fails when a thread or its
     /// runtime cannot be created.
     pub fn start(n: usize) -> std::io::Result<Workers> {
-        let stop = CancellationToken::new();
-        let mut threads = Vec::new();
-        let mut joins = Vec::new();
+        // Built up in place: if a thread cannot be made, dropping `w` stops the ones made.
+        let mut w = Workers {
+            threads: Vec::new(),
+            stop: CancellationToken::new(),
+            joins: Vec::new(),
+        };
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .thread_name(format!("ktgt-conn-{i}-blocking"))
                 .build()?;
             let handle = rt.handle().clone();
-            let stop = stop.clone();
+            let stop = w.stop.clone();
             let join = std::thread::Builder::new()
                 .name(format!("ktgt-conn-{i}"))
                 .spawn(move || {
@@ -61,27 +64,13 @@ impl Workers {
                     // for beyond this.
                     rt.shutdown_timeout(std::time::Duration::from_secs(1));
                 })?;
-            threads.push(Worker {
+            w.threads.push(Worker {
                 handle,
                 load: Arc::new(AtomicUsize::new(0)),
             });
-            joins.push(join);
+            w.joins.push(join);
         }
-        Ok(Workers {
-            threads,
-            stop,
-            joins,
-        })
-    }
-
-    /// How many threads there are.
-    pub fn len(&self) -> usize {
-        self.threads.len()
-    }
-
-    /// Always false: there is at least one thread.
-    pub fn is_empty(&self) -> bool {
-        self.threads.is_empty()
+        Ok(w)
     }
 
     /// Runs `fut` on the least loaded thread; the thread counts it until it finishes.
@@ -137,7 +126,7 @@ mod tests {
     #[test]
     fn spreads_by_load_and_counts_down() {
         let w = Workers::start(2).unwrap();
-        assert_eq!(w.len(), 2);
+        assert_eq!(w.loads(), vec![0, 0]);
         let (tx1, rx1) = tokio::sync::oneshot::channel::<()>();
         let (tx2, rx2) = tokio::sync::oneshot::channel::<()>();
         let a = w.spawn(async move {
