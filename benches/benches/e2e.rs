@@ -183,11 +183,7 @@ fn bench_case(
 }
 
 fn benches(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a 2-worker tokio runtime");
+    let rt = ktgt_benches::runtime();
     let (addr, shutdown) = start_target(&rt);
     let mut ini = connect(&rt, addr);
 

@@ -206,11 +206,7 @@ fn open(path: &Path, engine: Engine, direct: bool, block_size: u32) -> Result<St
 }
 
 fn benches(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a 2-worker tokio runtime");
+    let rt = ktgt_benches::runtime();
     let offsets = Arc::new(pattern::random_offsets(
         RANDOM_TABLE,
         STORE_SIZE,
