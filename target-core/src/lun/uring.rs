@@ -3,12 +3,13 @@
 //! # Design
 //!
 //! **One ring per store, reaped by the runtime.** [`UringStore::new`] creates an `io_uring`
-//! (128 entries) and a non-blocking eventfd registered with it, which the kernel signals for
-//! every completion. Whichever runtime thread runs an operation pushes its SQE and calls
+//! (128 entries). Whichever runtime thread runs an operation pushes its SQE and calls
 //! `io_uring_enter` itself, under the ring's mutex (held only for that, never across an
 //! await), so an operation reaches the kernel with no thread hand-off. A reaper task, started
-//! on the runtime by the first operation, waits for the eventfd in the runtime's reactor,
-//! reaps every CQE, resubmits partial operations and completes the others through their
+//! on the runtime by the first operation, waits in the runtime's reactor for the ring's own
+//! descriptor to become readable (the kernel wakes pollers of an io_uring fd when it posts
+//! completions; an eventfd beside it cost two more `read(2)` calls per wake-up), reaps every
+//! CQE, resubmits partial operations and completes the others through their
 //! [`tokio::sync::oneshot`]: the waiting task wakes on the runtime, usually on the thread
 //! that reaped. An earlier design with a driver thread per store cost two cross-thread
 //! wake-ups per operation (into the driver and back), which on this VM made O_DIRECT reads at
@@ -26,8 +27,9 @@
 //!
 //! **Cancellation and shutdown.** Dropping an operation's future only drops the oneshot
 //! receiver; the operation still runs to completion and its buffer is freed afterwards.
-//! Dropping the last [`UringStore`] clone marks the ring closing and signals the eventfd; the
-//! reaper finishes what is in flight, then exits, and the ring, eventfd and file go with it.
+//! Dropping the last [`UringStore`] clone marks the ring closing and submits a NOP, whose
+//! completion wakes the reaper; the reaper finishes what is in flight, then exits, and the
+//! ring and file go with it.
 //! If the runtime that ran the reaper shuts down first, the next operation starts a new
 //! reaper on its own runtime; a ring dropped with operations still in the kernel leaks their
 //! buffers rather than free memory the kernel may still write. If `io_uring_enter` fails for
@@ -48,7 +50,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -73,6 +75,8 @@ const MAX_IN_FLIGHT: usize = RING_ENTRIES as usize;
 const MAX_RW: usize = 1 << 30;
 /// Largest iovec count per `writev` (Linux `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
+/// `user_data` of the NOP that wakes the reaper when the store closes (slab keys are small).
+const WAKE_UP: u64 = u64::MAX;
 
 /// Checks that io_uring can serve stores: the ring can be created (not disabled by
 /// `kernel.io_uring_disabled`, seccomp or an old kernel), a NOP round-trips, and the opcodes
@@ -252,7 +256,7 @@ impl UringStore {
     /// operation, on the tokio runtime that runs it.
     ///
     /// # Errors
-    /// [`BackendError::Io`] when the ring or the eventfd cannot be created or registered.
+    /// [`BackendError::Io`] when the ring cannot be created.
     pub(crate) fn new(shared: Arc<FileShared>) -> Result<UringStore, BackendError> {
         let ring = Ring::new(shared).map_err(BackendError::Io)?;
         Ok(UringStore {
@@ -717,9 +721,9 @@ impl Drop for Slab {
 struct Ring {
     file: Arc<FileShared>,
     state: Mutex<State>,
-    /// Non-blocking eventfd registered with the ring: the kernel signals it for every CQE, and
-    /// the reaper waits for it through the runtime's reactor.
-    eventfd: OwnedFd,
+    /// The ring's descriptor (owned by `state.ring`, open as long as this `Ring`): the reaper
+    /// waits for it to become readable, which it does when completions are posted.
+    ring_fd: RawFd,
     /// A reaper task is running (set by whoever starts one, cleared when it ends).
     reaper: AtomicBool,
 }
@@ -741,15 +745,8 @@ struct State {
 impl Ring {
     fn new(file: Arc<FileShared>) -> io::Result<Ring> {
         let ring = build_ring()?;
-        // SAFETY: eventfd(2) takes no pointers; the result is checked below.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(Ring {
+            ring_fd: ring.as_raw_fd(),
             file,
             state: Mutex::new(State {
                 ring,
@@ -759,7 +756,6 @@ impl Ring {
                 closing: false,
                 dead: false,
             }),
-            eventfd,
             reaper: AtomicBool::new(false),
         })
     }
@@ -819,34 +815,21 @@ impl Ring {
         st.in_ring = 0;
     }
 
-    /// The last handle is gone: wake the reaper so it finishes and exits.
+    /// The last handle is gone: wake the reaper (a NOP's completion makes the ring readable)
+    /// so it finishes what is in flight and exits.
     fn close(&self) {
-        self.lock().closing = true;
-        self.kick();
-    }
-
-    fn kick(&self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a local array to a descriptor we own. It can only fail
-        // if the counter would overflow, which the reaper's reads prevent.
-        let _ = unsafe { libc::write(self.eventfd.as_raw_fd(), one.as_ptr().cast(), 8) };
-    }
-
-    /// Empties the eventfd counter: reads until the kernel says `WouldBlock`, which it
-    /// returns (what `AsyncFd::try_io` needs to clear the readiness).
-    fn drain_eventfd(&self) -> io::Result<()> {
-        let mut buf = [0u8; 8];
-        loop {
-            // SAFETY: reads at most 8 bytes into a local array from a descriptor we own.
-            let n = unsafe { libc::read(self.eventfd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
+        let mut st = self.lock();
+        st.closing = true;
+        if st.dead {
+            return; // the reaper has already stopped
         }
+        let nop = opcode::Nop::new().build().user_data(WAKE_UP);
+        // SAFETY: a NOP references no memory.
+        if unsafe { st.ring.submission().push(&nop) }.is_ok() {
+            st.submit(&self.file);
+        }
+        // A full submission queue means operations are queued: their completions wake the
+        // reaper, which then sees `closing`.
     }
 
     /// Reaps every available completion, resubmits partial operations, feeds the backlog.
@@ -862,6 +845,9 @@ impl Ring {
             .map(|cqe| (cqe.user_data(), cqe.result()))
             .collect();
         for (user_data, res) in cqes {
+            if user_data == WAKE_UP {
+                continue;
+            }
             let key = user_data as usize;
             let Some(op) = st.slab.get_mut(key) else {
                 tracing::error!(user_data, "io_uring completion for an unknown operation");
@@ -960,27 +946,27 @@ impl Drop for ReaperAlive<'_> {
     }
 }
 
-/// The eventfd as the reactor sees it (the ring keeps it open).
-struct EventFd(Arc<Ring>);
+/// The ring's descriptor as the reactor sees it (the `Ring` keeps it open).
+struct RingFd(Arc<Ring>);
 
-impl AsRawFd for EventFd {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.eventfd.as_raw_fd()
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.ring_fd
     }
 }
 
-/// The reaper: waits for the eventfd in the runtime's reactor, then completes what the ring
-/// finished. Completion wakes the waiting task on the runtime directly, usually on the same
+/// The reaper: waits in the runtime's reactor for the ring to become readable, then completes
+/// what the ring finished. Completion wakes the waiting task on the runtime directly, usually on the same
 /// thread, instead of crossing from a driver thread.
 async fn reap(ring: Arc<Ring>) {
     let _alive = ReaperAlive(&ring.reaper);
-    // SAFETY: `EventFd` returns the ring's eventfd, which the `Arc<Ring>` inside it keeps
-    // open and unchanged for as long as the `AsyncFd` (which owns that `EventFd`) lives.
+    // SAFETY: `RingFd` returns the ring's descriptor, which the `Arc<Ring>` inside it keeps
+    // open and unchanged for as long as the `AsyncFd` (which owns that `RingFd`) lives.
     let registered =
-        unsafe { AsyncFd::register_with_interest(EventFd(ring.clone()), Interest::READABLE) };
+        unsafe { AsyncFd::register_with_interest(RingFd(ring.clone()), Interest::READABLE) };
     let afd = match registered {
         Ok(afd) => afd,
-        Err(e) => return ring.fail(&e, "cannot watch the io_uring eventfd"),
+        Err(e) => return ring.fail(&e, "cannot watch the io_uring descriptor"),
     };
     let mut finished = Vec::with_capacity(MAX_IN_FLIGHT);
     loop {
@@ -993,10 +979,10 @@ async fn reap(ring: Arc<Ring>) {
         }
         let mut ready = match afd.readable().await {
             Ok(ready) => ready,
-            Err(e) => return ring.fail(&e, "the io_uring eventfd failed"),
+            Err(e) => return ring.fail(&e, "the io_uring descriptor failed"),
         };
-        // Empty the counter before reaping: a CQE posted after this raises a new edge.
-        // `try_io` clears the readiness only when the read says EAGAIN.
-        let _ = ready.try_io(|fd| fd.get_ref().0.drain_eventfd());
+        // Cleared before the reap at the top of the loop: the kernel wakes the ring's pollers
+        // for every completion it posts, so one posted after this raises a new edge.
+        ready.clear_ready();
     }
 }
