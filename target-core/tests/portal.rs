@@ -9,6 +9,8 @@ mod support;
 
 #[path = "portal/commands.rs"]
 mod commands;
+#[path = "portal/hostile.rs"]
+mod hostile;
 #[path = "portal/lifecycle.rs"]
 mod lifecycle;
 #[path = "portal/login.rs"]
