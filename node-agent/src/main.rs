@@ -109,6 +109,11 @@ struct ServeArgs {
     /// (default: one per CPU); 0 serves them on the agent's shared runtime instead.
     #[arg(long, value_parser = clap::value_parser!(u16).range(0..=1024))]
     conn_threads: Option<u16>,
+    /// Pin connection thread i to the i-th CPU the agent may run on, and place each new
+    /// connection, among the least-loaded threads, on the one pinned to the CPU its packets
+    /// arrive on (SO_INCOMING_CPU).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pin_conn_threads: bool,
 }
 
 fn init_logging(format: LogFormat) {
@@ -221,7 +226,12 @@ impl ServeArgs {
         if n == 0 {
             return Ok(None);
         }
-        let w = Workers::start(n).context("starting the connection threads")?;
+        let w = if self.pin_conn_threads {
+            Workers::start_pinned(n)
+        } else {
+            Workers::start(n)
+        }
+        .context("starting the connection threads")?;
         Ok(Some(Arc::new(w)))
     }
 

@@ -111,6 +111,9 @@ impl Portal {
                         });
                         continue;
                     };
+                    // The CPU whose receive processing handled the connection's packets
+                    // (the initiator's CPU on loopback), for placement near it.
+                    let cpu = incoming_cpu(&stream);
                     // The socket leaves this runtime's reactor and joins the worker's.
                     let std_stream = match stream.into_std() {
                         Ok(s) => s,
@@ -119,7 +122,7 @@ impl Portal {
                             continue;
                         }
                     };
-                    workers.spawn(tracker2.track_future(async move {
+                    workers.spawn_near(cpu, tracker2.track_future(async move {
                         match tokio::net::TcpStream::from_std(std_stream) {
                             Ok(stream) => serve_connection(stream, peer, ctx).await,
                             Err(e) => {
@@ -139,4 +142,12 @@ impl Portal {
             warn!("sessions did not finish within {limit:?}; exiting anyway");
         }
     }
+}
+
+/// `SO_INCOMING_CPU` of an accepted socket: the CPU that last processed a packet of it, if
+/// the kernel knows one (it reports -1 before any packet was processed).
+fn incoming_cpu(stream: &tokio::net::TcpStream) -> Option<usize> {
+    let cpu = socket2::SockRef::from(stream).cpu_affinity().ok()?;
+    // socket2 returns the kernel's int as usize: -1 comes back as usize::MAX.
+    (cpu < nix::sched::CpuSet::count()).then_some(cpu)
 }

@@ -16,7 +16,8 @@
 # clients. One markdown table per mode goes to stdout and to --out (default
 # target/perf/compare-<date>.md). Needs root for apt (tests/setup.sh --tgt --perf --no-vm),
 # DESTRUCTIVE only for its own backing file under target/perf/. Takes about 15 minutes.
-# Env: KTGT_AGENT=path uses that agent binary instead of building one.
+# Env: KTGT_AGENT=path uses that agent binary instead of building one; KTGT_ARGS adds agent
+# flags (for A/B runs; the table's header records them).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
@@ -81,7 +82,8 @@ kind: InitiatorGroupBinding
 metadata: {name: perf}
 spec: {targetRef: {name: perf}, initiatorGroupRef: {name: perf-all}}
 EOF
-      RUST_LOG=warn setsid "$agent" standalone --config "$work/ktgt.yaml" --listen "127.0.0.1:$PORT" \
+      # shellcheck disable=SC2086  # KTGT_ARGS are words
+      RUST_LOG=warn setsid "$agent" standalone --config "$work/ktgt.yaml" --listen "127.0.0.1:$PORT" ${KTGT_ARGS:-} \
         </dev/null >"$work/ktgt.log" 2>&1 &
       TPID=$! ;;
     tgtd)
@@ -233,7 +235,7 @@ done
   echo "# ktgt vs tgtd, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), kernel $(uname -r);"
-  echo "tgtd $(tgtd --version 2>/dev/null | head -1 || echo '?'), ktgt $(git rev-parse --short HEAD 2>/dev/null);"
+  echo "tgtd $(tgtd --version 2>/dev/null | head -1 || echo '?'), ktgt $(git rev-parse --short HEAD 2>/dev/null)${KTGT_ARGS:+ with \`$KTGT_ARGS\`};"
   echo "backing file $size on $(df -T "$work" | awk 'NR == 2 {print $2}'), 512-byte blocks; median of $reps runs, iscsi-perf runs of $secs s."
   printf 'Loopback TCP, one stream (iperf3): **%.0f MiB/s**.\n' "$tcp"
   echo

@@ -77,3 +77,40 @@ async fn disconnect_seen_while_polling_ends_the_session() {
     wait_for(|| workers.loads() == vec![0]).await;
     t.cancel.cancel();
 }
+
+/// With pinned connection threads, a connection goes to the thread pinned to the CPU its
+/// packets arrive on (`SO_INCOMING_CPU`; on loopback, the CPU the initiator sends from): the
+/// test pins its own thread, which runs the initiator, to each allowed CPU in turn.
+#[tokio::test]
+async fn pinned_threads_take_connections_from_their_cpu() {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let cpus = target_core::workers::allowed_cpus();
+    let workers = Arc::new(Workers::start_pinned(cpus.len()).unwrap());
+    let t = Target::start_on(
+        state([target(TARGET, &[0])]),
+        polling_options(),
+        Some(workers.clone()),
+    )
+    .await;
+    for &cpu in &cpus {
+        let mut only = CpuSet::new();
+        only.set(cpu).unwrap();
+        // This test's thread runs the initiator (and the accept loop): now on `cpu` only.
+        sched_setaffinity(Pid::from_raw(0), &only).unwrap();
+        let mut i = t.login().await;
+        let on: Vec<Option<usize>> = workers
+            .cpus()
+            .into_iter()
+            .zip(workers.loads())
+            .filter(|&(_, load)| load > 0)
+            .map(|(c, _)| c)
+            .collect();
+        assert_eq!(on, vec![Some(cpu)], "session from CPU {cpu}");
+        i.clear_ua(0).await;
+        let (_, logout) = i.logout(0);
+        i.send(&logout).await;
+        i.expect_closed().await;
+        wait_for(|| workers.loads().iter().all(|&l| l == 0)).await;
+    }
+}
