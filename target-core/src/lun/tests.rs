@@ -653,8 +653,70 @@ fn cancelled_operations_and_dropped_store_are_safe() {
     }
 }
 
+/// Rings are per thread: stores used from several threads, each with its own current-thread
+/// runtime (as connection threads are), complete on each thread's own ring and agree on the
+/// data.
 #[test]
-fn uring_driver_exits_after_last_clone_is_dropped() {
+fn uring_rings_per_thread_serve_the_same_store() {
+    let Ok(()) = uring_available().map_err(|r| eprintln!("skipping: {r}")) else {
+        return;
+    };
+    // 3 threads x 10 blocks of the 32-block test file.
+    const CHUNK: u64 = BS as u64;
+    const PER_THREAD: u64 = 10;
+    let dir = tempfile::tempdir().unwrap();
+    for direct in [false, true] {
+        let cfg = config(
+            &dir.path().join(format!("threads-{direct}.img")),
+            Engine::Uring,
+            direct,
+        );
+        let store = Store::open(&cfg).unwrap();
+        let threads: Vec<_> = (0..3u8)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        for i in 0..PER_THREAD {
+                            let at = (u64::from(t) * PER_THREAD + i) * CHUNK;
+                            let fill = Bytes::from(vec![t * 50 + i as u8; CHUNK as usize]);
+                            store
+                                .write(at, vec![fill.clone()], i % 8 == 0)
+                                .await
+                                .unwrap();
+                            assert_eq!(store.read(at, CHUNK as usize).await.unwrap(), fill);
+                        }
+                    });
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread ran its operations");
+        }
+        let rt = runtime();
+        rt.block_on(async {
+            for t in 0..3u8 {
+                for i in 0..PER_THREAD {
+                    let got = store
+                        .read((u64::from(t) * PER_THREAD + i) * CHUNK, CHUNK as usize)
+                        .await
+                        .unwrap();
+                    assert!(
+                        got.iter().all(|&b| b == t * 50 + i as u8),
+                        "direct={direct}"
+                    );
+                }
+            }
+        });
+    }
+}
+
+#[test]
+fn uring_file_is_released_after_last_clone_and_operation() {
     let Ok(()) = uring_available().map_err(|r| eprintln!("skipping: {r}")) else {
         return;
     };
@@ -683,7 +745,7 @@ fn uring_driver_exits_after_last_clone_is_dropped() {
     while file.upgrade().is_some() {
         assert!(
             std::time::Instant::now() < deadline,
-            "driver thread did not exit"
+            "the file is still held after its operations finished"
         );
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -2,40 +2,44 @@
 //!
 //! # Design
 //!
-//! **One ring per store, reaped by the runtime.** [`UringStore::new`] creates an `io_uring`
-//! (128 entries). Whichever runtime thread runs an operation pushes its SQE and calls
-//! `io_uring_enter` itself, under the ring's mutex (held only for that, never across an
-//! await), so an operation reaches the kernel with no thread hand-off. A reaper task, started
-//! on the runtime by the first operation, waits in the runtime's reactor for the ring's own
-//! descriptor to become readable (the kernel wakes pollers of an io_uring fd when it posts
-//! completions; an eventfd beside it cost two more `read(2)` calls per wake-up), reaps every
-//! CQE, resubmits partial operations and completes the others through their
-//! [`tokio::sync::oneshot`]: the waiting task wakes on the runtime, usually on the thread
-//! that reaped. An earlier design with a driver thread per store cost two cross-thread
-//! wake-ups per operation (into the driver and back), which on this VM made O_DIRECT reads at
-//! QD1 slower than tgtd's thread pool.
+//! **One ring per thread, reaped on that thread.** Each thread that runs store operations
+//! has its own `io_uring` (256 entries, made by its first operation), shared by every store
+//! the thread serves; an SQE names its file's descriptor. The thread pushes the SQE and calls
+//! `io_uring_enter` itself (under the ring's mutex, held only for that and never across an
+//! await), so an operation reaches the kernel with no thread hand-off. A reaper task,
+//! started on the runtime by the thread's first operation, waits in the runtime's reactor for
+//! the ring's own descriptor to become readable (the kernel wakes pollers of an io_uring fd
+//! when it posts completions; an eventfd beside it cost two more `read(2)` calls per
+//! wake-up), reaps every CQE, resubmits partial operations and completes the others through
+//! their [`tokio::sync::oneshot`]. On a connection thread (a current-thread runtime,
+//! [`crate::workers`]) the reaper runs beside the connection that submitted, so a completion
+//! wakes nobody else. With one ring per store, the reaper lived on whichever thread touched
+//! the store first and completions for connections on other threads crossed over: with
+//! pinned connection threads that cost O_DIRECT QD1 reads a third of their rate. An earlier
+//! design with a driver thread per store cost two cross-thread wake-ups per operation.
 //!
-//! **Bounds.** At most 128 SQEs are in the kernel at a time (the completion queue is twice as
-//! large, so it cannot overflow); further operations wait in a backlog that every reap feeds.
+//! **Bounds.** At most 256 SQEs per ring are in the kernel at a time (the completion queue is
+//! twice as large, so it cannot overflow); further operations wait in a backlog that every
+//! reap feeds.
 //!
 //! **Buffer ownership.** Each operation, with its buffer and its iovec array, lives in a slab
 //! slot keyed by `user_data` from the moment its SQE is pushed until its final CQE is reaped;
-//! only then is the buffer handed back (as [`Bytes`] for reads) or dropped. Resubmissions
+//! only then is the buffer handed back (as [`Bytes`] for reads) or dropped. The operation also
+//! holds its store's file, so the descriptor stays open while the kernel uses it. Resubmissions
 //! (short read or write, `EAGAIN`, `EINTR`) reuse the same slot. A read buffer is marked
 //! initialized only after the kernel reported every byte, so a failed read never exposes
 //! uninitialized memory.
 //!
 //! **Cancellation and shutdown.** Dropping an operation's future only drops the oneshot
-//! receiver; the operation still runs to completion and its buffer is freed afterwards.
-//! Dropping the last [`UringStore`] clone marks the ring closing and submits a NOP, whose
-//! completion wakes the reaper; the reaper finishes what is in flight, then exits, and the
-//! ring and file go with it.
-//! If the runtime that ran the reaper shuts down first, the next operation starts a new
-//! reaper on its own runtime; a ring dropped with operations still in the kernel leaks their
+//! receiver; the operation still runs to completion and its buffer is freed afterwards. A
+//! store's file closes when its last [`UringStore`] clone and its last operation are gone.
+//! A thread's ring lives as long as the thread, or its reaper's runtime if that is shorter;
+//! if the runtime that ran the reaper shuts down, the thread's next operation starts a new
+//! reaper on its own runtime. A ring dropped with operations still in the kernel leaks their
 //! buffers rather than free memory the kernel may still write. If `io_uring_enter` fails for
-//! good, in-flight operations fail (their memory leaked the same way) and later ones fail
-//! instead of hanging. An operation needs a tokio runtime (the reaper's home); outside one it
-//! fails with an error.
+//! good, the ring's in-flight operations fail (their memory leaked the same way) and the
+//! thread's next operation gets a new ring. An operation needs a tokio runtime (the reaper's
+//! home); outside one it fails with an error.
 //!
 //! **Semantics.** FUA writes carry `RWF_DSYNC` (one SQE; the kernel syncs the range, and
 //! with O_DIRECT uses a FUA write). Flush is `IORING_OP_FSYNC` with `DATASYNC`. Discard is
@@ -48,6 +52,7 @@
 //! the registered pool (read buffers come from [`super::pool`] instead).
 #![allow(unsafe_code)]
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -66,17 +71,15 @@ use super::pool;
 use super::sys::{AlignedBuf, DIRECT_MEM_ALIGN};
 use super::BackendError;
 
-/// Submission queue size, and the cap on operations in flight per store (the completion
+/// Submission queue size, and the cap on operations in flight per ring (the completion
 /// queue is twice as large, so it cannot overflow).
-const RING_ENTRIES: u32 = 128;
+const RING_ENTRIES: u32 = 256;
 const MAX_IN_FLIGHT: usize = RING_ENTRIES as usize;
 /// Largest byte count put in one SQE; the kernel caps a single read or write just below
 /// 2 GiB anyway, the rest is resubmitted.
 const MAX_RW: usize = 1 << 30;
 /// Largest iovec count per `writev` (Linux `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
-/// `user_data` of the NOP that wakes the reaper when the store closes (slab keys are small).
-const WAKE_UP: u64 = u64::MAX;
 
 /// Checks that io_uring can serve stores: the ring can be created (not disabled by
 /// `kernel.io_uring_disabled`, seccomp or an old kernel), a NOP round-trips, and the opcodes
@@ -144,32 +147,20 @@ fn probe_kernel() -> Result<(), String> {
     }
 }
 
-/// A store served by io_uring. Clones share the ring; the driver thread stops once the last
-/// clone is dropped and in-flight operations finish (see the module docs).
+/// A store served by io_uring: its operations go to the ring of the thread that runs them
+/// (see the module docs). Clones share the file.
 #[derive(Clone)]
 pub struct UringStore {
-    handle: Arc<Handle>,
+    file: Arc<FileShared>,
 }
 
 impl std::fmt::Debug for UringStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UringStore")
-            .field("path", &self.handle.ring.file.path)
-            .field("size", &self.handle.ring.file.size)
-            .field("direct", &self.handle.ring.file.direct)
+            .field("path", &self.file.path)
+            .field("size", &self.file.size)
+            .field("direct", &self.file.direct)
             .finish()
-    }
-}
-
-/// What the store clones share. Dropping the last clone closes the ring: the reaper finishes
-/// the operations still in flight, then exits and lets go of the ring and the file.
-struct Handle {
-    ring: Arc<Ring>,
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        self.ring.close();
     }
 }
 
@@ -252,40 +243,36 @@ impl WriteBuf {
 }
 
 impl UringStore {
-    /// Creates the store's ring for `shared`. The reaper task starts with the first
-    /// operation, on the tokio runtime that runs it.
+    /// A store for `shared`. Makes the calling thread's ring (if it has none yet), so a
+    /// kernel that refuses io_uring is found here rather than by the first operation.
     ///
     /// # Errors
     /// [`BackendError::Io`] when the ring cannot be created.
     pub(crate) fn new(shared: Arc<FileShared>) -> Result<UringStore, BackendError> {
-        let ring = Ring::new(shared).map_err(BackendError::Io)?;
-        Ok(UringStore {
-            handle: Arc::new(Handle {
-                ring: Arc::new(ring),
-            }),
-        })
+        thread_ring()?;
+        Ok(UringStore { file: shared })
     }
 
     pub fn size(&self) -> u64 {
-        self.handle.ring.file.size
+        self.file.size
     }
 
     pub fn path(&self) -> &Path {
-        &self.handle.ring.file.path
+        &self.file.path
     }
 
     pub(crate) fn shared(&self) -> &FileShared {
-        &self.handle.ring.file
+        &self.file
     }
 
-    /// Lets tests observe when the ring (and its reaper) has let go of the file.
+    /// Lets tests observe when the store's clones and operations have let go of the file.
     #[cfg(test)]
     pub(crate) fn file_weak(&self) -> std::sync::Weak<FileShared> {
-        Arc::downgrade(&self.handle.ring.file)
+        Arc::downgrade(&self.file)
     }
 
     fn submit(&self, req: Request) -> Result<(), BackendError> {
-        self.handle.ring.start(Op::from_request(req))
+        thread_ring()?.start(Op::from_request(req, self.file.clone()))
     }
 
     async fn call(&self, make: impl FnOnce(Done) -> Request) -> Result<(), BackendError> {
@@ -295,7 +282,7 @@ impl UringStore {
     }
 
     pub(crate) async fn read(&self, offset: u64, len: usize) -> Result<Bytes, BackendError> {
-        let shared = &self.handle.ring.file;
+        let shared = &self.file;
         shared.check(offset, len as u64, false)?;
         if len == 0 {
             return Ok(Bytes::new());
@@ -307,7 +294,7 @@ impl UringStore {
             // A buffered read the fast path did not take is a large copy or a page-cache
             // miss: the blocking pool does it beside the runtime (measured faster for
             // 128 KiB reads than a copy inside io_uring_enter or an io-wq round trip).
-            return read_blocking(self.handle.ring.file.clone(), offset, len).await;
+            return read_blocking(self.file.clone(), offset, len).await;
         }
         let align = shared.direct_align().unwrap_or(DIRECT_MEM_ALIGN);
         let buf = ReadBuf(pool::take(len, align));
@@ -327,7 +314,7 @@ impl UringStore {
         data: Vec<Bytes>,
         fua: bool,
     ) -> Result<(), BackendError> {
-        let shared = &self.handle.ring.file;
+        let shared = &self.file;
         let total: u64 = data.iter().map(|b| b.len() as u64).sum();
         shared.check(offset, total, true)?;
         if total == 0 {
@@ -358,14 +345,14 @@ impl UringStore {
     }
 
     pub(crate) async fn flush(&self) -> Result<(), BackendError> {
-        if self.handle.ring.file.read_only {
+        if self.file.read_only {
             return Ok(());
         }
         self.call(|tx| Request::Fsync { tx }).await
     }
 
     pub(crate) async fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
-        let shared = &self.handle.ring.file;
+        let shared = &self.file;
         shared.check(offset, len, true)?;
         if len == 0 {
             return Ok(());
@@ -380,7 +367,7 @@ impl UringStore {
     }
 
     pub(crate) async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
-        let shared = &self.handle.ring.file;
+        let shared = &self.file;
         shared.check(offset, len, true)?;
         if len == 0 {
             return Ok(());
@@ -432,14 +419,21 @@ fn driver_gone() -> BackendError {
     BackendError::Io(io::Error::other("the store's io_uring stopped"))
 }
 
-/// Builds the ring. Completions must be posted without the submitter's help (any runtime
-/// thread submits, the reaper reaps), so no `SINGLE_ISSUER`/`DEFER_TASKRUN`.
+/// Builds a ring. Completions must be posted without the submitter's help (on the shared
+/// multi-threaded runtime the reaper task may run on another thread than the one that
+/// submitted), so no `SINGLE_ISSUER`/`DEFER_TASKRUN`.
 fn build_ring() -> io::Result<IoUring> {
     IoUring::builder().build(RING_ENTRIES)
 }
 
-/// An operation the kernel owns: buffers and iovecs stay here until its last CQE.
-enum Op {
+/// An operation the kernel owns, with the file it works on: buffers, iovecs and the file
+/// (its descriptor) stay here until its last CQE.
+struct Op {
+    file: Arc<FileShared>,
+    kind: OpKind,
+}
+
+enum OpKind {
     Read {
         offset: u64,
         len: usize,
@@ -471,14 +465,14 @@ enum Op {
 }
 
 impl Op {
-    fn from_request(req: Request) -> Op {
-        match req {
+    fn from_request(req: Request, file: Arc<FileShared>) -> Op {
+        let kind = match req {
             Request::Read {
                 offset,
                 len,
                 buf,
                 tx,
-            } => Op::Read {
+            } => OpKind::Read {
                 offset,
                 len,
                 done: 0,
@@ -490,7 +484,7 @@ impl Op {
                 buf,
                 fua,
                 tx,
-            } => Op::Write {
+            } => OpKind::Write {
                 offset,
                 total: buf.len(),
                 done: 0,
@@ -500,25 +494,27 @@ impl Op {
                 buf,
                 tx,
             },
-            Request::Fsync { tx } => Op::Fsync { tx },
+            Request::Fsync { tx } => OpKind::Fsync { tx },
             Request::Fallocate {
                 offset,
                 len,
                 mode,
                 tx,
-            } => Op::Fallocate {
+            } => OpKind::Fallocate {
                 offset,
                 len,
                 mode,
                 tx,
             },
-        }
+        };
+        Op { file, kind }
     }
 
     /// The SQE for the remaining part of this operation.
-    fn sqe(&mut self, fd: types::Fd) -> squeue::Entry {
-        match self {
-            Op::Read {
+    fn sqe(&mut self) -> squeue::Entry {
+        let fd = types::Fd(self.file.file.as_raw_fd());
+        match &mut self.kind {
+            OpKind::Read {
                 offset,
                 len,
                 done,
@@ -530,7 +526,7 @@ impl Op {
                     .offset(*offset + *done as u64)
                     .build()
             }
-            Op::Write {
+            OpKind::Write {
                 offset,
                 done,
                 iovecs,
@@ -554,10 +550,10 @@ impl Op {
                         .build()
                 }
             }
-            Op::Fsync { .. } => opcode::Fsync::new(fd)
+            OpKind::Fsync { .. } => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
-            Op::Fallocate {
+            OpKind::Fallocate {
                 offset, len, mode, ..
             } => opcode::Fallocate::new(fd, *len)
                 .offset(*offset)
@@ -575,8 +571,8 @@ impl Op {
             };
         }
         let n = res as usize;
-        match self {
-            Op::Read {
+        match &mut self.kind {
+            OpKind::Read {
                 offset, len, done, ..
             } => {
                 if n == 0 {
@@ -588,7 +584,7 @@ impl Op {
                 *done += n;
                 (*done >= *len).then_some(Ok(()))
             }
-            Op::Write {
+            OpKind::Write {
                 total,
                 done,
                 iovecs,
@@ -613,20 +609,20 @@ impl Op {
                 }
                 (*done >= *total || *next >= iovecs.len()).then_some(Ok(()))
             }
-            Op::Fsync { .. } | Op::Fallocate { .. } => Some(Ok(())),
+            OpKind::Fsync { .. } | OpKind::Fallocate { .. } => Some(Ok(())),
         }
     }
 
     /// Hands the result to the waiting caller (who may have gone away).
     fn finish(self, result: io::Result<()>) {
-        match self {
-            Op::Read { len, buf, tx, .. } => {
+        match self.kind {
+            OpKind::Read { len, buf, tx, .. } => {
                 // SAFETY: `Ok` only comes from `progress` once `done >= len`, i.e. the kernel
                 // wrote all of `[0, len)`; the buffer was allocated with capacity `len`.
                 let res = result.map(|()| unsafe { buf.into_bytes(len) });
                 let _ = tx.send(res);
             }
-            Op::Write { tx, .. } | Op::Fsync { tx } | Op::Fallocate { tx, .. } => {
+            OpKind::Write { tx, .. } | OpKind::Fsync { tx } | OpKind::Fallocate { tx, .. } => {
                 let _ = tx.send(result);
             }
         }
@@ -635,19 +631,21 @@ impl Op {
     /// Fails the operation without freeing its memory: the kernel may still write it.
     fn abandon(self) {
         let err = || io::Error::other("io_uring driver stopped");
-        match self {
-            Op::Read { buf, tx, .. } => {
+        // The descriptor too must stay open: the kernel may still use it.
+        std::mem::forget(self.file);
+        match self.kind {
+            OpKind::Read { buf, tx, .. } => {
                 std::mem::forget(buf);
                 let _ = tx.send(Err(err()));
             }
-            Op::Write {
+            OpKind::Write {
                 iovecs, buf, tx, ..
             } => {
                 std::mem::forget(iovecs);
                 std::mem::forget(buf);
                 let _ = tx.send(Err(err()));
             }
-            Op::Fsync { tx } | Op::Fallocate { tx, .. } => {
+            OpKind::Fsync { tx } | OpKind::Fallocate { tx, .. } => {
                 let _ = tx.send(Err(err()));
             }
         }
@@ -655,7 +653,7 @@ impl Op {
 }
 
 // SAFETY: an `Op` owns everything its raw pointers (the write iovecs) point to: its own
-// buffers, heap data that stays put when the `Op` moves. The pointers go to the kernel; on
+// buffers, heap data that stays put when the `Op` moves (the file is an `Arc`, `Send` itself). The pointers go to the kernel; on
 // our side the `Op` is only touched under the ring's state mutex, by one thread at a time.
 unsafe impl Send for Op {}
 
@@ -717,9 +715,26 @@ impl Drop for Slab {
     }
 }
 
-/// A store's ring and the operations it owns.
+thread_local! {
+    /// This thread's ring, made by its first store operation.
+    static THREAD_RING: RefCell<Option<Arc<Ring>>> = const { RefCell::new(None) };
+}
+
+/// The calling thread's ring: made on first use, and again after the previous one died.
+fn thread_ring() -> Result<Arc<Ring>, BackendError> {
+    THREAD_RING.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        if let Some(ring) = slot.as_ref().filter(|r| !r.is_dead()) {
+            return Ok(ring.clone());
+        }
+        let ring = Arc::new(Ring::new().map_err(BackendError::Io)?);
+        *slot = Some(ring.clone());
+        Ok(ring)
+    })
+}
+
+/// A thread's ring and the operations it owns.
 struct Ring {
-    file: Arc<FileShared>,
     state: Mutex<State>,
     /// The ring's descriptor (owned by `state.ring`, open as long as this `Ring`): the reaper
     /// waits for it to become readable, which it does when completions are posted.
@@ -736,24 +751,20 @@ struct State {
     /// SQEs pushed whose final CQE has not been reaped (kept <= MAX_IN_FLIGHT, so the
     /// completion queue, twice as large, cannot overflow).
     in_ring: usize,
-    /// The last store handle is gone: finish what is in flight, then stop.
-    closing: bool,
     /// `io_uring_enter` failed for good: operations fail, their memory is leaked.
     dead: bool,
 }
 
 impl Ring {
-    fn new(file: Arc<FileShared>) -> io::Result<Ring> {
+    fn new() -> io::Result<Ring> {
         let ring = build_ring()?;
         Ok(Ring {
             ring_fd: ring.as_raw_fd(),
-            file,
             state: Mutex::new(State {
                 ring,
                 slab: Slab::new(),
                 backlog: VecDeque::with_capacity(MAX_IN_FLIGHT),
                 in_ring: 0,
-                closing: false,
                 dead: false,
             }),
             reaper: AtomicBool::new(false),
@@ -770,17 +781,16 @@ impl Ring {
     /// hand-off) or, when MAX_IN_FLIGHT are in the ring, as soon as one completes.
     fn start(self: &Arc<Ring>, op: Op) -> Result<(), BackendError> {
         self.ensure_reaper()?;
-        let fd = types::Fd(self.file.file.as_raw_fd());
         let mut st = self.lock();
         if st.dead {
             drop(st);
-            op.finish(Err(io::Error::other("the store's io_uring stopped")));
+            op.finish(Err(io::Error::other("the thread's io_uring stopped")));
             return Ok(());
         }
         let key = st.slab.insert(op);
         st.backlog.push_back(key);
-        st.push_backlog(fd, self.file.direct);
-        st.submit(&self.file);
+        st.push_backlog();
+        st.submit();
         Ok(())
     }
 
@@ -806,8 +816,8 @@ impl Ring {
     /// The reaper cannot go on: every operation fails from now on (those in flight keep
     /// their memory, leaked, since the kernel may still use it).
     fn fail(&self, e: &dyn std::fmt::Display, what: &str) {
-        tracing::error!(path = %self.file.path.display(), error = %e,
-            "{what}; the store's operations fail");
+        tracing::error!(error = %e,
+            "{what}; its operations fail, the thread's next operation gets a new ring");
         let mut st = self.lock();
         st.dead = true;
         st.slab.abandon_all();
@@ -815,28 +825,10 @@ impl Ring {
         st.in_ring = 0;
     }
 
-    /// The last handle is gone: wake the reaper (a NOP's completion makes the ring readable)
-    /// so it finishes what is in flight and exits.
-    fn close(&self) {
-        let mut st = self.lock();
-        st.closing = true;
-        if st.dead {
-            return; // the reaper has already stopped
-        }
-        let nop = opcode::Nop::new().build().user_data(WAKE_UP);
-        // SAFETY: a NOP references no memory.
-        if unsafe { st.ring.submission().push(&nop) }.is_ok() {
-            st.submit(&self.file);
-        }
-        // A full submission queue means operations are queued: their completions wake the
-        // reaper, which then sees `closing`.
-    }
-
     /// Reaps every available completion, resubmits partial operations, feeds the backlog.
     /// Returns the finished operations with their results (finished outside the lock) and
-    /// whether the ring is done (closing with nothing in flight).
+    /// whether the ring is dead.
     fn reap_some(&self, finished: &mut Vec<(Op, io::Result<()>)>) -> bool {
-        let fd = types::Fd(self.file.file.as_raw_fd());
         let mut st = self.lock();
         let st = &mut *st;
         let cqes: Vec<(u64, i32)> = st
@@ -845,9 +837,6 @@ impl Ring {
             .map(|cqe| (cqe.user_data(), cqe.result()))
             .collect();
         for (user_data, res) in cqes {
-            if user_data == WAKE_UP {
-                continue;
-            }
             let key = user_data as usize;
             let Some(op) = st.slab.get_mut(key) else {
                 tracing::error!(user_data, "io_uring completion for an unknown operation");
@@ -863,20 +852,24 @@ impl Ring {
                 }
             }
         }
-        st.push_backlog(fd, self.file.direct);
-        st.submit(&self.file);
+        st.push_backlog();
+        st.submit();
         if st.dead {
             st.slab.abandon_all();
             st.backlog.clear();
             st.in_ring = 0;
         }
-        (st.closing || st.dead) && st.slab.len == 0
+        st.dead
+    }
+
+    fn is_dead(&self) -> bool {
+        self.lock().dead
     }
 }
 
 impl State {
     /// Moves backlog operations into the submission queue while the ring has room.
-    fn push_backlog(&mut self, fd: types::Fd, direct: bool) {
+    fn push_backlog(&mut self) {
         let mut sq = self.ring.submission();
         while self.in_ring < MAX_IN_FLIGHT {
             let Some(&key) = self.backlog.front() else {
@@ -886,8 +879,9 @@ impl State {
                 self.backlog.pop_front();
                 continue;
             };
-            let mut entry = op.sqe(fd).user_data(key as u64);
-            if !direct && matches!(op, Op::Write { .. }) {
+            let direct = op.file.direct;
+            let mut entry = op.sqe().user_data(key as u64);
+            if !direct && matches!(op.kind, OpKind::Write { .. }) {
                 // Buffered writes that reach the ring are the ones the caller's thread did not
                 // finish itself (FUA, large, or inline writes paused): straight to an io-wq
                 // worker, skipping the non-blocking attempt that ext4 would refuse anyway.
@@ -896,7 +890,7 @@ impl State {
             // SAFETY: the entry points into `op`'s buffer and iovecs, which stay in the slab,
             // unmoved on the heap, until this entry's CQE is reaped (`reap_some` removes an
             // op only on its final CQE, and `Slab` leaks rather than frees ops still in
-            // flight). The descriptor is kept open by the ring's `file`.
+            // flight). The descriptor is kept open by the op's `file`.
             if unsafe { sq.push(&entry) }.is_err() {
                 break; // full: the rest goes after the next submit
             }
@@ -906,7 +900,7 @@ impl State {
     }
 
     /// Hands the queued SQEs to the kernel. Busy rings retry on the next reap.
-    fn submit(&mut self, file: &FileShared) {
+    fn submit(&mut self) {
         if self.ring.submission().is_empty() {
             return;
         }
@@ -918,8 +912,8 @@ impl State {
                     Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
                 ) => {}
             Err(e) => {
-                tracing::error!(path = %file.path.display(), error = %e,
-                    "io_uring_enter failed; the store's operations fail from now on");
+                tracing::error!(error = %e,
+                    "io_uring_enter failed; this ring's operations fail, the thread's next one gets a new ring");
                 self.dead = true;
             }
         }
@@ -956,8 +950,8 @@ impl AsRawFd for RingFd {
 }
 
 /// The reaper: waits in the runtime's reactor for the ring to become readable, then completes
-/// what the ring finished. Completion wakes the waiting task on the runtime directly, usually on the same
-/// thread, instead of crossing from a driver thread.
+/// what the ring finished. On a current-thread runtime it runs on the thread that submitted,
+/// so a completion wakes the waiting task without crossing threads.
 async fn reap(ring: Arc<Ring>) {
     let _alive = ReaperAlive(&ring.reaper);
     // SAFETY: `RingFd` returns the ring's descriptor, which the `Arc<Ring>` inside it keeps
