@@ -25,8 +25,9 @@
 //! loopback, the CPU the initiator sent from). Among the least-loaded threads, a connection
 //! goes to the one pinned to that CPU ([`Workers::spawn_near`]), so the initiator-facing
 //! work of a connection stays on one CPU and placement never trades balance for locality.
-//! On the 2-vCPU VM measured (docs/performance.md), a QD1 O_DIRECT connection placed this
-//! way used 37-45 µs of target CPU per command against 47-54 µs on a floating thread.
+//! On the 2-vCPU VM measured (docs/performance.md) the effect on O_DIRECT QD1 reads was
+//! mixed (a median of 37 against 49 µs of target CPU per command with a fresh agent, no
+//! difference after other sessions had run), so the agent leaves it off by default.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
