@@ -14,9 +14,10 @@
 //! their [`tokio::sync::oneshot`]. On a connection thread (a current-thread runtime,
 //! [`crate::workers`]) the reaper runs beside the connection that submitted, so a completion
 //! wakes nobody else. With one ring per store, the reaper lived on whichever thread touched
-//! the store first and completions for connections on other threads crossed over: with
-//! pinned connection threads that cost O_DIRECT QD1 reads a third of their rate. An earlier
-//! design with a driver thread per store cost two cross-thread wake-ups per operation.
+//! the store first, and completions for connections on other threads crossed over (A/B
+//! runs on the 2-vCPU VM showed the two designs level, docs/performance.md; the per-thread
+//! ring also means a handful of rings on a node with many LUNs). An earlier design with a
+//! driver thread per store cost two cross-thread wake-ups per operation.
 //!
 //! **Bounds.** At most 256 SQEs per ring are in the kernel at a time (the completion queue is
 //! twice as large, so it cannot overflow); further operations wait in a backlog that every
