@@ -38,6 +38,19 @@ enum LogFormat {
     Json,
 }
 
+/// Where connection threads run (`--conn-affinity`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum AffinityArg {
+    /// Threads float; the kernel's scheduler places them.
+    None,
+    /// Thread i pinned to the i-th CPU the agent may use; a new connection goes, among the
+    /// least-loaded threads, to the one pinned to the CPU its packets arrive on.
+    Pinned,
+    /// A thread serving one connection pins itself to the CPU that connection's packets
+    /// arrive on (checked every 100 ms of traffic, one thread per CPU), and floats otherwise.
+    Follow,
+}
+
 #[derive(Copy, Clone, Debug, ValueEnum)]
 enum EngineArg {
     /// io_uring when the kernel allows it, else the thread pool.
@@ -109,11 +122,12 @@ struct ServeArgs {
     /// (default: one per CPU); 0 serves them on the agent's shared runtime instead.
     #[arg(long, value_parser = clap::value_parser!(u16).range(0..=1024))]
     conn_threads: Option<u16>,
-    /// Pin connection thread i to the i-th CPU the agent may run on, and place each new
-    /// connection, among the least-loaded threads, on the one pinned to the CPU its packets
-    /// arrive on (SO_INCOMING_CPU).
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
-    pin_conn_threads: bool,
+    /// Where connection threads run: follow (default: a thread serving one connection pins
+    /// itself to the CPU that connection's packets arrive on, SO_INCOMING_CPU, one thread
+    /// per CPU, and floats otherwise), none (the scheduler places them) or pinned (one per
+    /// CPU, connections placed by their incoming CPU).
+    #[arg(long, value_enum, default_value_t = AffinityArg::Follow)]
+    conn_affinity: AffinityArg,
 }
 
 fn init_logging(format: LogFormat) {
@@ -226,10 +240,10 @@ impl ServeArgs {
         if n == 0 {
             return Ok(None);
         }
-        let w = if self.pin_conn_threads {
-            Workers::start_pinned(n)
-        } else {
-            Workers::start(n)
+        let w = match self.conn_affinity {
+            AffinityArg::None => Workers::start(n),
+            AffinityArg::Pinned => Workers::start_pinned(n),
+            AffinityArg::Follow => Workers::start_following(n),
         }
         .context("starting the connection threads")?;
         Ok(Some(Arc::new(w)))

@@ -424,4 +424,21 @@ fn cli_refuses_out_of_range_polling_and_thread_counts() {
             "{flag}: unhelpful error: {err}"
         );
     }
+    // An unknown affinity mode names the flag and the modes there are.
+    let out = Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))
+        .args([
+            "standalone",
+            "--listen",
+            "127.0.0.1:0",
+            "--conn-affinity",
+            "spread",
+        ])
+        .output()
+        .expect("run ktgt-agent");
+    assert!(!out.status.success(), "--conn-affinity spread accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--conn-affinity") && err.contains("follow") && err.contains("pinned"),
+        "unhelpful error: {err}"
+    );
 }

@@ -113,7 +113,7 @@ impl Portal {
                     };
                     // The CPU whose receive processing handled the connection's packets
                     // (the initiator's CPU on loopback), for placement near it.
-                    let cpu = incoming_cpu(&stream);
+                    let cpu = crate::workers::incoming_cpu(&stream);
                     // The socket leaves this runtime's reactor and joins the worker's.
                     let std_stream = match stream.into_std() {
                         Ok(s) => s,
@@ -142,12 +142,4 @@ impl Portal {
             warn!("sessions did not finish within {limit:?}; exiting anyway");
         }
     }
-}
-
-/// `SO_INCOMING_CPU` of an accepted socket: the CPU that last processed a packet of it, if
-/// the kernel knows one (it reports -1 before any packet was processed).
-fn incoming_cpu(stream: &tokio::net::TcpStream) -> Option<usize> {
-    let cpu = socket2::SockRef::from(stream).cpu_affinity().ok()?;
-    // socket2 returns the kernel's int as usize: -1 comes back as usize::MAX.
-    (cpu < nix::sched::CpuSet::count()).then_some(cpu)
 }

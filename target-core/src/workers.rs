@@ -27,12 +27,27 @@
 //! work of a connection stays on one CPU and placement never trades balance for locality.
 //! On the 2-vCPU VM measured (docs/performance.md) the effect on O_DIRECT QD1 reads was
 //! mixed (a median of 37 against 49 µs of target CPU per command with a fresh agent, no
-//! difference after other sessions had run), so the agent leaves it off by default.
+//! difference after other sessions had run): the initiator did not stay on its CPU.
+//!
+//! # Following the initiator's CPU
+//!
+//! [`Workers::start_following`] leaves threads unpinned until a connection reports, from its
+//! command path and at most every 100 ms ([`follow_incoming_cpu`]), the CPU its packets
+//! arrive on. A thread serving exactly that one connection then pins itself to that CPU,
+//! unless another thread already holds it; a thread with more connections, or none, lets
+//! go and floats again. On loopback the CPU is the initiator's, and the scheduler moves the
+//! initiator now and then, so the thread follows it: on the 2-vCPU VM an O_DIRECT QD1
+//! connection then used 35-38 µs of target CPU per command against 45-52 µs floating (and
+//! the initiator half the CPU), because every wake-up between the two stayed on one CPU.
+//! With a NIC the CPU is the one its receive queue's interrupt (or RPS) runs on, and a
+//! followed connection's work stays beside its packets.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
@@ -52,6 +67,86 @@ struct Worker {
     load: Arc<AtomicUsize>,
     /// The CPU this thread is pinned to, if it is.
     cpu: Option<usize>,
+}
+
+/// `SO_INCOMING_CPU` of a socket: the CPU that last processed a packet of it, if the kernel
+/// knows one (it reports -1 before any packet was processed).
+pub(crate) fn incoming_cpu(sock: &impl std::os::fd::AsFd) -> Option<usize> {
+    let cpu = socket2::SockRef::from(sock).cpu_affinity().ok()?;
+    // socket2 returns the kernel's int as usize: -1 comes back as usize::MAX.
+    (cpu < CpuSet::count()).then_some(cpu)
+}
+
+/// How often at most a connection reports its incoming CPU in follow mode.
+pub const FOLLOW_EVERY: Duration = Duration::from_millis(100);
+
+/// What the threads of one following [`Workers`] share: which CPU each holds.
+struct FollowShared {
+    /// The process's CPUs when the threads started: a thread that lets go returns to these.
+    allowed: Vec<usize>,
+    /// Per thread, the CPU it is pinned to by following.
+    held: Mutex<Vec<Option<usize>>>,
+}
+
+/// A following thread's own view.
+struct FollowLocal {
+    index: usize,
+    load: Arc<AtomicUsize>,
+    shared: Arc<FollowShared>,
+}
+
+thread_local! {
+    /// Set on the threads of a following [`Workers`].
+    static FOLLOW: RefCell<Option<FollowLocal>> = const { RefCell::new(None) };
+}
+
+/// Whether the calling thread follows its connection's CPU (so the caller knows whether
+/// reading `SO_INCOMING_CPU` is worth a system call).
+pub fn following() -> bool {
+    FOLLOW.with(|f| f.borrow().is_some())
+}
+
+/// A connection on the calling thread saw its packets arrive on `cpu`: pin this thread
+/// there if the connection is the thread's only one and no other thread holds the CPU; let
+/// go if the thread serves more than one. No-op off a following thread.
+pub fn follow_incoming_cpu(cpu: usize) {
+    FOLLOW.with(|f| {
+        let f = f.borrow();
+        let Some(f) = f.as_ref() else {
+            return;
+        };
+        let mut held = f.shared.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = held[f.index];
+        if f.load.load(Ordering::Relaxed) != 1 {
+            if mine.is_some() {
+                release(&f.shared, &mut held, f.index);
+            }
+            return;
+        }
+        let taken = held
+            .iter()
+            .enumerate()
+            .any(|(i, c)| i != f.index && *c == Some(cpu));
+        if mine == Some(cpu) || taken || !f.shared.allowed.contains(&cpu) {
+            return;
+        }
+        match pin_current_thread(cpu) {
+            Ok(()) => held[f.index] = Some(cpu),
+            Err(e) => tracing::debug!(cpu, error = %e, "cannot follow the connection's CPU"),
+        }
+    });
+}
+
+/// Unpins the calling thread (back to the process's CPUs) and gives its CPU up.
+fn release(shared: &FollowShared, held: &mut [Option<usize>], index: usize) {
+    let mut set = CpuSet::new();
+    for &c in &shared.allowed {
+        let _ = set.set(c);
+    }
+    if let Err(e) = sched_setaffinity(Pid::from_raw(0), &set) {
+        tracing::debug!(error = %e, "cannot unpin the connection thread");
+    }
+    held[index] = None;
 }
 
 /// The CPUs this process may run on (its affinity mask, which a cgroup cpuset narrows), in
@@ -77,17 +172,31 @@ impl Workers {
     /// Starts `n` threads (at least one), named `ktgt-conn-0`..., free to run on any CPU;
     /// fails when a thread or its runtime cannot be created.
     pub fn start(n: usize) -> std::io::Result<Workers> {
-        Workers::start_on(n, &[])
+        Workers::start_with(n, &[], None)
+    }
+
+    /// As [`Workers::start`], with each thread following its connection's CPU while it
+    /// serves exactly one (see the module docs).
+    pub fn start_following(n: usize) -> std::io::Result<Workers> {
+        let shared = Arc::new(FollowShared {
+            allowed: allowed_cpus(),
+            held: Mutex::new(vec![None; n.max(1)]),
+        });
+        Workers::start_with(n, &[], Some(shared))
     }
 
     /// As [`Workers::start`], with thread *i* pinned to the *i*-th of the CPUs the process may
     /// run on ([`allowed_cpus`]; with more threads than CPUs they wrap around). A thread that
     /// cannot be pinned runs unpinned, with a warning.
     pub fn start_pinned(n: usize) -> std::io::Result<Workers> {
-        Workers::start_on(n, &allowed_cpus())
+        Workers::start_with(n, &allowed_cpus(), None)
     }
 
-    fn start_on(n: usize, cpus: &[usize]) -> std::io::Result<Workers> {
+    fn start_with(
+        n: usize,
+        cpus: &[usize],
+        follow: Option<Arc<FollowShared>>,
+    ) -> std::io::Result<Workers> {
         // Built up in place: if a thread cannot be made, dropping `w` stops the ones made.
         let mut w = Workers {
             threads: Vec::new(),
@@ -103,6 +212,12 @@ impl Workers {
             let stop = w.stop.clone();
             let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
             let (pinned_tx, pinned_rx) = std::sync::mpsc::channel();
+            let load = Arc::new(AtomicUsize::new(0));
+            let follow = follow.clone().map(|shared| FollowLocal {
+                index: i,
+                load: load.clone(),
+                shared,
+            });
             let join = std::thread::Builder::new()
                 .name(format!("ktgt-conn-{i}"))
                 .spawn(move || {
@@ -115,6 +230,7 @@ impl Workers {
                         }
                     });
                     let _ = pinned_tx.send(pinned);
+                    FOLLOW.with(|f| *f.borrow_mut() = follow);
                     rt.block_on(stop.cancelled());
                     // Cancels what is left (by now the portal has drained its sessions or
                     // given up on them); a blocking read stuck in a hung store is not waited
@@ -124,11 +240,7 @@ impl Workers {
             w.joins.push(join);
             // The thread reports whether it pinned itself before it serves anything.
             let cpu = pinned_rx.recv().ok().flatten();
-            w.threads.push(Worker {
-                handle,
-                load: Arc::new(AtomicUsize::new(0)),
-                cpu,
-            });
+            w.threads.push(Worker { handle, load, cpu });
         }
         Ok(w)
     }
@@ -170,7 +282,22 @@ impl Workers {
         .unwrap_or(0)
     }
 
-    /// The CPU each thread is pinned to, in thread order.
+    /// The CPUs each thread may run on now (its affinity mask), in thread order; asks each
+    /// thread, so it waits for them.
+    pub async fn affinities(&self) -> Vec<Vec<usize>> {
+        let mut out = Vec::with_capacity(self.threads.len());
+        for w in &self.threads {
+            out.push(
+                w.handle
+                    .spawn(async { allowed_cpus() })
+                    .await
+                    .unwrap_or_default(),
+            );
+        }
+        out
+    }
+
+    /// The CPU each thread is pinned to at start ([`Workers::start_pinned`]), in thread order.
     pub fn cpus(&self) -> Vec<Option<usize>> {
         self.threads.iter().map(|w| w.cpu).collect()
     }
@@ -193,12 +320,27 @@ impl Drop for Workers {
     }
 }
 
-/// Gives a connection's place back when its future ends or is dropped.
+/// Gives a connection's place back when its future ends or is dropped (on its thread); a
+/// following thread left with no connection lets go of its CPU.
 struct LoadGuard(Arc<AtomicUsize>);
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if self.0.fetch_sub(1, Ordering::Relaxed) != 1 {
+            return;
+        }
+        FOLLOW.with(|f| {
+            if let Some(f) = f
+                .borrow()
+                .as_ref()
+                .filter(|f| Arc::ptr_eq(&f.load, &self.0))
+            {
+                let mut held = f.shared.held.lock().unwrap_or_else(|e| e.into_inner());
+                if held[f.index].is_some() {
+                    release(&f.shared, &mut held, f.index);
+                }
+            }
+        });
     }
 }
 
@@ -286,6 +428,71 @@ mod tests {
             .block_on(free.threads[0].handle.spawn(async { allowed_cpus() }))
             .unwrap();
         assert_eq!(mask, cpus);
+    }
+
+    /// Follow mode: a thread with one connection moves to the reported CPU unless another
+    /// thread holds it, lets go with a second connection, and when its connections end.
+    #[test]
+    fn following_threads_take_free_cpus_and_let_go() {
+        let cpus = allowed_cpus();
+        let w = Workers::start_following(2).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (hold_tx, hold_rx) = tokio::sync::oneshot::channel::<()>();
+        let (a_tx, a_rx) = tokio::sync::oneshot::channel::<Vec<usize>>();
+        // Connection A (thread 0, its only one) reports the first CPU.
+        let a = w.spawn(async move {
+            follow_incoming_cpu(cpus_first());
+            let _ = a_tx.send(allowed_cpus());
+            let _ = hold_rx.await;
+        });
+        let a_mask = rt.block_on(a_rx).unwrap();
+        assert_eq!(a_mask, vec![cpus_first()], "thread 0 followed");
+        let (b_tx, b_rx) = tokio::sync::oneshot::channel::<Vec<usize>>();
+        // Connection B (thread 1) reports the same CPU: held by thread 0, so it stays put.
+        let b = w.spawn(async move {
+            follow_incoming_cpu(cpus_first());
+            let _ = b_tx.send(allowed_cpus());
+        });
+        rt.block_on(async {
+            assert_eq!(
+                b_rx.await.unwrap(),
+                cpus,
+                "a CPU another thread holds is not taken"
+            );
+            b.await.unwrap();
+            let _ = hold_tx.send(());
+            a.await.unwrap();
+            // A's end lets thread 0 go (the guard runs just after the task's output).
+            for _ in 0..100 {
+                if w.affinities().await[0] == cpus {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            assert_eq!(w.affinities().await, vec![cpus.clone(), cpus.clone()]);
+        });
+        // Two connections on one thread: it does not follow.
+        let one = Workers::start_following(1).unwrap();
+        let (h1, r1) = tokio::sync::oneshot::channel::<()>();
+        let first = one.spawn(async move {
+            let _ = r1.await;
+        });
+        let second = one.spawn(async move {
+            follow_incoming_cpu(cpus_first());
+            allowed_cpus()
+        });
+        rt.block_on(async {
+            assert_eq!(second.await.unwrap(), allowed_cpus());
+            let _ = h1.send(());
+            first.await.unwrap();
+        });
+    }
+
+    fn cpus_first() -> usize {
+        allowed_cpus()[0]
     }
 
     #[test]

@@ -192,6 +192,8 @@ struct Conn {
     read_budget: Arc<tokio::sync::Semaphore>,
     read_budget_limit: u32,
     last_heard: Instant,
+    /// When the connection next reports its incoming CPU (follow mode, `crate::workers`).
+    next_follow: Instant,
     ping_outstanding: Option<Ttt>,
     /// The last command executed was answered inline (see `spawn_command`); busy polling
     /// is for those: a connection that waits on its store anyway (O_DIRECT, a slow disk)
@@ -276,6 +278,7 @@ pub(super) async fn run(
         read_budget: Arc::new(tokio::sync::Semaphore::new(read_budget_limit as usize)),
         read_budget_limit,
         last_heard: Instant::now(),
+        next_follow: Instant::now(),
         ping_outstanding: None,
         last_inline: false,
     };
@@ -444,6 +447,13 @@ impl Conn {
                 match codec.decode(&mut rbuf) {
                     Ok(Some(pdu)) => {
                         self.last_heard = Instant::now();
+                        if self.last_heard >= self.next_follow && crate::workers::following() {
+                            // Follow mode: keep this thread on the CPU the packets arrive on.
+                            self.next_follow = self.last_heard + crate::workers::FOLLOW_EVERY;
+                            if let Some(cpu) = crate::workers::incoming_cpu(rd.as_ref()) {
+                                crate::workers::follow_incoming_cpu(cpu);
+                            }
+                        }
                         self.ping_outstanding = None;
                         if !self.handle_pdu(pdu).await? {
                             return Ok(());
