@@ -35,7 +35,9 @@
 //! command path and at most every 100 ms ([`follow_incoming_cpu`]), the CPU its packets
 //! arrive on. A thread serving exactly that one connection then pins itself to that CPU,
 //! unless another thread already holds it; a thread with more connections, or none, lets
-//! go and floats again. On loopback the CPU is the initiator's, and the scheduler moves the
+//! go and floats again. Connections that busy-poll between commands do not follow: a
+//! polling thread keeps its CPU busy, so the scheduler moves the initiator away from it,
+//! and a thread chasing it halved QD1 buffered reads in a comparison run. On loopback the CPU is the initiator's, and the scheduler moves the
 //! initiator now and then, so the thread follows it: on the 2-vCPU VM an O_DIRECT QD1
 //! connection then used 35-38 µs of target CPU per command against 45-52 µs floating (and
 //! the initiator half the CPU), because every wake-up between the two stayed on one CPU.
@@ -108,8 +110,10 @@ pub fn following() -> bool {
 
 /// A connection on the calling thread saw its packets arrive on `cpu`: pin this thread
 /// there if the connection is the thread's only one and no other thread holds the CPU; let
-/// go if the thread serves more than one. No-op off a following thread.
-pub fn follow_incoming_cpu(cpu: usize) {
+/// go if the thread serves more than one, or with `None` (a connection that busy-polls:
+/// pinned beside its initiator, it would keep the initiator off its own CPU). No-op off a
+/// following thread.
+pub fn follow_incoming_cpu(cpu: Option<usize>) {
     FOLLOW.with(|f| {
         let f = f.borrow();
         let Some(f) = f.as_ref() else {
@@ -117,12 +121,12 @@ pub fn follow_incoming_cpu(cpu: usize) {
         };
         let mut held = f.shared.held.lock().unwrap_or_else(|e| e.into_inner());
         let mine = held[f.index];
-        if f.load.load(Ordering::Relaxed) != 1 {
+        let Some(cpu) = cpu.filter(|_| f.load.load(Ordering::Relaxed) == 1) else {
             if mine.is_some() {
                 release(&f.shared, &mut held, f.index);
             }
             return;
-        }
+        };
         let taken = held
             .iter()
             .enumerate()
@@ -139,10 +143,15 @@ pub fn follow_incoming_cpu(cpu: usize) {
 
 /// Unpins the calling thread (back to the process's CPUs) and gives its CPU up.
 fn release(shared: &FollowShared, held: &mut [Option<usize>], index: usize) {
-    let mut set = CpuSet::new();
-    for &c in &shared.allowed {
-        let _ = set.set(c);
-    }
+    // The main thread's mask is the process's as the cgroup has it now (a cpuset may have
+    // changed since the threads started); the CPUs at start if it cannot be read.
+    let set = sched_getaffinity(Pid::from_raw(std::process::id() as i32)).unwrap_or_else(|_| {
+        let mut set = CpuSet::new();
+        for &c in &shared.allowed {
+            let _ = set.set(c);
+        }
+        set
+    });
     if let Err(e) = sched_setaffinity(Pid::from_raw(0), &set) {
         tracing::debug!(error = %e, "cannot unpin the connection thread");
     }
@@ -444,7 +453,7 @@ mod tests {
         let (a_tx, a_rx) = tokio::sync::oneshot::channel::<Vec<usize>>();
         // Connection A (thread 0, its only one) reports the first CPU.
         let a = w.spawn(async move {
-            follow_incoming_cpu(cpus_first());
+            follow_incoming_cpu(Some(cpus_first()));
             let _ = a_tx.send(allowed_cpus());
             let _ = hold_rx.await;
         });
@@ -453,7 +462,7 @@ mod tests {
         let (b_tx, b_rx) = tokio::sync::oneshot::channel::<Vec<usize>>();
         // Connection B (thread 1) reports the same CPU: held by thread 0, so it stays put.
         let b = w.spawn(async move {
-            follow_incoming_cpu(cpus_first());
+            follow_incoming_cpu(Some(cpus_first()));
             let _ = b_tx.send(allowed_cpus());
         });
         rt.block_on(async {
@@ -481,7 +490,7 @@ mod tests {
             let _ = r1.await;
         });
         let second = one.spawn(async move {
-            follow_incoming_cpu(cpus_first());
+            follow_incoming_cpu(Some(cpus_first()));
             allowed_cpus()
         });
         rt.block_on(async {

@@ -448,11 +448,16 @@ impl Conn {
                     Ok(Some(pdu)) => {
                         self.last_heard = Instant::now();
                         if self.last_heard >= self.next_follow && crate::workers::following() {
-                            // Follow mode: keep this thread on the CPU the packets arrive on.
+                            // Follow mode: keep this thread on the CPU the packets arrive on,
+                            // unless the connection busy-polls (see `crate::workers`).
                             self.next_follow = self.last_heard + crate::workers::FOLLOW_EVERY;
-                            if let Some(cpu) = crate::workers::incoming_cpu(rd.as_ref()) {
-                                crate::workers::follow_incoming_cpu(cpu);
-                            }
+                            let polls = !busy_poll.is_zero() && self.last_inline;
+                            let cpu = if polls {
+                                None
+                            } else {
+                                crate::workers::incoming_cpu(rd.as_ref())
+                            };
+                            crate::workers::follow_incoming_cpu(cpu);
                         }
                         self.ping_outstanding = None;
                         if !self.handle_pdu(pdu).await? {

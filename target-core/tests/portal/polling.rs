@@ -117,7 +117,7 @@ async fn pinned_threads_take_connections_from_their_cpu() {
 
 /// Follow mode: a connection's thread moves to the CPU the connection's packets arrive on
 /// (the initiator's, on loopback) once it has seen traffic for [`FOLLOW_EVERY`], and lets go
-/// when the connection ends.
+/// when the connection ends; a connection that busy-polls does not follow.
 ///
 /// [`FOLLOW_EVERY`]: target_core::workers::FOLLOW_EVERY
 #[tokio::test]
@@ -126,38 +126,43 @@ async fn following_threads_move_to_the_initiators_cpu() {
     use nix::unistd::Pid;
     use target_core::workers::{allowed_cpus, FOLLOW_EVERY};
     let cpus = allowed_cpus();
-    let workers = Arc::new(Workers::start_following(2).unwrap());
-    let t = Target::start_on(
-        state([target(TARGET, &[0])]),
-        polling_options(),
-        Some(workers.clone()),
-    )
-    .await;
-    for &cpu in cpus.iter().rev() {
-        let mut only = CpuSet::new();
-        only.set(cpu).unwrap();
-        // This test's thread runs the initiator: its packets are processed on `cpu`.
-        sched_setaffinity(Pid::from_raw(0), &only).unwrap();
-        let mut i = t.login().await;
-        i.clear_ua(0).await;
-        let start = std::time::Instant::now();
-        while start.elapsed() < FOLLOW_EVERY * 3 {
-            let r = i.exec(0, &[0x00, 0, 0, 0, 0, 0], 0).await; // TEST UNIT READY
-            assert_eq!(r.status, 0);
-            tokio::time::sleep(Duration::from_millis(5)).await;
+    for polling in [false, true] {
+        let workers = Arc::new(Workers::start_following(2).unwrap());
+        let mut opts = polling_options();
+        if !polling {
+            opts.busy_poll = Duration::ZERO;
         }
-        let serving: Vec<usize> = (0..2).filter(|&n| workers.loads()[n] == 1).collect();
-        assert_eq!(serving.len(), 1);
-        let masks = workers.affinities().await;
-        assert_eq!(
-            masks[serving[0]],
-            vec![cpu],
-            "the connection's thread follows CPU {cpu}"
-        );
-        let (_, logout) = i.logout(0);
-        i.send(&logout).await;
-        i.expect_closed().await;
-        wait_for(|| workers.loads().iter().all(|&l| l == 0)).await;
-        assert_eq!(workers.affinities().await, vec![cpus.clone(), cpus.clone()]);
+        let t = Target::start_on(state([target(TARGET, &[0])]), opts, Some(workers.clone())).await;
+        for &cpu in cpus.iter().rev() {
+            let mut only = CpuSet::new();
+            only.set(cpu).unwrap();
+            // This test's thread runs the initiator: its packets are processed on `cpu`.
+            sched_setaffinity(Pid::from_raw(0), &only).unwrap();
+            let mut i = t.login().await;
+            i.clear_ua(0).await;
+            let start = std::time::Instant::now();
+            while start.elapsed() < FOLLOW_EVERY * 3 {
+                // TEST UNIT READY, answered inline (so a polling connection polls).
+                let r = i.exec(0, &[0x00, 0, 0, 0, 0, 0], 0).await;
+                assert_eq!(r.status, 0);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let serving: Vec<usize> = (0..2).filter(|&n| workers.loads()[n] == 1).collect();
+            assert_eq!(serving.len(), 1);
+            let want = if polling { cpus.clone() } else { vec![cpu] };
+            let masks = workers.affinities().await;
+            assert_eq!(masks[serving[0]], want, "CPU {cpu}, polling {polling}");
+            let (_, logout) = i.logout(0);
+            i.send(&logout).await;
+            i.expect_closed().await;
+            wait_for(|| workers.loads().iter().all(|&l| l == 0)).await;
+            assert_eq!(workers.affinities().await, vec![cpus.clone(), cpus.clone()]);
+        }
+        // The test thread may run anywhere again for the next round.
+        let mut all = CpuSet::new();
+        for &c in &cpus {
+            all.set(c).unwrap();
+        }
+        sched_setaffinity(Pid::from_raw(0), &all).unwrap();
     }
 }
