@@ -35,9 +35,12 @@
 //! command path and at most every 100 ms ([`follow_incoming_cpu`]), the CPU its packets
 //! arrive on. A thread serving exactly that one connection then pins itself to that CPU,
 //! unless another thread already holds it; a thread with more connections, or none, lets
-//! go and floats again. Connections that busy-poll between commands do not follow: a
-//! polling thread keeps its CPU busy, so the scheduler moves the initiator away from it,
-//! and a thread chasing it halved QD1 buffered reads in a comparison run. On loopback the CPU is the initiator's, and the scheduler moves the
+//! go and floats again. Only a connection whose initiator waits for each command in turn
+//! follows (at most one command in flight, and not busy-polling): a polling thread keeps
+//! its CPU busy, so the scheduler moves the initiator away and the thread chased it
+//! (halving QD1 buffered reads in a comparison run), and an initiator with many commands in
+//! flight needs a CPU of its own (4 KiB O_DIRECT writes at QD32 from qemu-img fell from
+//! about 44k to 29k IOPS with the thread beside it). On loopback the CPU is the initiator's, and the scheduler moves the
 //! initiator now and then, so the thread follows it: on the 2-vCPU VM an O_DIRECT QD1
 //! connection then used 35-38 µs of target CPU per command against 45-52 µs floating (and
 //! the initiator half the CPU), because every wake-up between the two stayed on one CPU.

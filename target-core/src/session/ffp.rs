@@ -448,11 +448,13 @@ impl Conn {
                     Ok(Some(pdu)) => {
                         self.last_heard = Instant::now();
                         if self.last_heard >= self.next_follow && crate::workers::following() {
-                            // Follow mode: keep this thread on the CPU the packets arrive on,
-                            // unless the connection busy-polls (see `crate::workers`).
+                            // Follow mode: keep this thread on the CPU the packets arrive on
+                            // while the initiator waits for each command in turn, not when
+                            // the connection busy-polls or has several commands in flight
+                            // (see `crate::workers`).
                             self.next_follow = self.last_heard + crate::workers::FOLLOW_EVERY;
                             let polls = !busy_poll.is_zero() && self.last_inline;
-                            let cpu = if polls {
+                            let cpu = if polls || self.running.len() > 1 {
                                 None
                             } else {
                                 crate::workers::incoming_cpu(rd.as_ref())
