@@ -40,10 +40,12 @@
 //! its CPU busy, so the scheduler moves the initiator away and the thread chased it
 //! (halving QD1 buffered reads in a comparison run), and an initiator with many commands in
 //! flight needs a CPU of its own (4 KiB O_DIRECT writes at QD32 from qemu-img fell from
-//! about 44k to 29k IOPS with the thread beside it). On loopback the CPU is the initiator's, and the scheduler moves the
-//! initiator now and then, so the thread follows it: on the 2-vCPU VM an O_DIRECT QD1
-//! connection then used 35-38 µs of target CPU per command against 45-52 µs floating (and
-//! the initiator half the CPU), because every wake-up between the two stayed on one CPU.
+//! about 44k to 29k IOPS with the thread beside it).
+//!
+//! On loopback the CPU is the initiator's, and the scheduler moves the initiator now and
+//! then, so the thread follows it: on the 2-vCPU VM an O_DIRECT QD1 connection then used
+//! 37-41 µs of target CPU per command against 42-54 µs floating (tgtd 46-50), and the
+//! initiator about half the CPU, because every wake-up between the two stayed on one CPU.
 //! With a NIC the CPU is the one its receive queue's interrupt (or RPS) runs on, and a
 //! followed connection's work stays beside its packets.
 
