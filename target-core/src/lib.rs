@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod lun;
+mod parts;
 pub mod portal;
 pub mod scsi;
 pub mod session;

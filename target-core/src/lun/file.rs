@@ -514,21 +514,12 @@ fn zero_blocking(shared: &FileShared, offset: u64, len: u64) -> io::Result<()> {
 }
 
 /// `parts` without their first `n` bytes.
-pub(crate) fn advance(mut parts: Vec<Bytes>, mut n: usize) -> Vec<Bytes> {
+pub(crate) fn advance(mut parts: Vec<Bytes>, n: usize) -> Vec<Bytes> {
     if n == 0 {
         return parts;
     }
-    let mut skip = 0;
-    for p in parts.iter_mut() {
-        if n >= p.len() {
-            n -= p.len();
-            skip += 1;
-        } else {
-            let _ = p.split_to(n);
-            break;
-        }
-    }
-    parts.drain(..skip);
+    let first = crate::parts::consume(&mut parts, 0, n);
+    parts.drain(..first);
     parts
 }
 

@@ -302,17 +302,7 @@ pub(crate) fn pwrite_all(file: &File, parts: &[Bytes], offset: u64, dsync: bool)
             rest = parts.to_vec();
         }
         done += n;
-        let mut left = n;
-        while left > 0 && first < rest.len() {
-            let len = rest[first].len();
-            if left >= len {
-                left -= len;
-                first += 1;
-            } else {
-                let _ = rest[first].split_to(left);
-                left = 0;
-            }
-        }
+        first = crate::parts::consume(&mut rest, first, n);
     }
     Ok(())
 }

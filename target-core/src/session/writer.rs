@@ -238,20 +238,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        let mut n = n;
-        while n > 0 {
-            let len = segs[start].len();
-            if n >= len {
-                n -= len;
-                start += 1;
-            } else {
-                let _ = segs[start].split_to(n);
-                n = 0;
-            }
-        }
-        while start < segs.len() && segs[start].is_empty() {
-            start += 1;
-        }
+        start = crate::parts::consume(segs, start, n);
     }
     segs.clear();
     Ok(())
