@@ -742,6 +742,9 @@ struct Ring {
     ring_fd: RawFd,
     /// A reaper task is running (set by whoever starts one, cleared when it ends).
     reaper: AtomicBool,
+    /// `State::dead`, readable without the lock (the thread's next operation then makes a
+    /// new ring).
+    dead: AtomicBool,
 }
 
 struct State {
@@ -769,6 +772,7 @@ impl Ring {
                 dead: false,
             }),
             reaper: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
         })
     }
 
@@ -792,6 +796,9 @@ impl Ring {
         st.backlog.push_back(key);
         st.push_backlog();
         st.submit();
+        if st.dead {
+            self.dead.store(true, Ordering::Release);
+        }
         Ok(())
     }
 
@@ -821,6 +828,7 @@ impl Ring {
             "{what}; its operations fail, the thread's next operation gets a new ring");
         let mut st = self.lock();
         st.dead = true;
+        self.dead.store(true, Ordering::Release);
         st.slab.abandon_all();
         st.backlog.clear();
         st.in_ring = 0;
@@ -832,12 +840,8 @@ impl Ring {
     fn reap_some(&self, finished: &mut Vec<(Op, io::Result<()>)>) -> bool {
         let mut st = self.lock();
         let st = &mut *st;
-        let cqes: Vec<(u64, i32)> = st
-            .ring
-            .completion()
-            .map(|cqe| (cqe.user_data(), cqe.result()))
-            .collect();
-        for (user_data, res) in cqes {
+        for cqe in st.ring.completion() {
+            let (user_data, res) = (cqe.user_data(), cqe.result());
             let key = user_data as usize;
             let Some(op) = st.slab.get_mut(key) else {
                 tracing::error!(user_data, "io_uring completion for an unknown operation");
@@ -856,6 +860,7 @@ impl Ring {
         st.push_backlog();
         st.submit();
         if st.dead {
+            self.dead.store(true, Ordering::Release);
             st.slab.abandon_all();
             st.backlog.clear();
             st.in_ring = 0;
@@ -864,7 +869,7 @@ impl Ring {
     }
 
     fn is_dead(&self) -> bool {
-        self.lock().dead
+        self.dead.load(Ordering::Acquire)
     }
 }
 

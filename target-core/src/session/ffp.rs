@@ -447,19 +447,8 @@ impl Conn {
                 match codec.decode(&mut rbuf) {
                     Ok(Some(pdu)) => {
                         self.last_heard = Instant::now();
-                        if self.last_heard >= self.next_follow && crate::workers::following() {
-                            // Follow mode: keep this thread on the CPU the packets arrive on
-                            // while the initiator waits for each command in turn, not when
-                            // the connection busy-polls or has several commands in flight
-                            // (see `crate::workers`).
-                            self.next_follow = self.last_heard + crate::workers::FOLLOW_EVERY;
-                            let polls = !busy_poll.is_zero() && self.last_inline;
-                            let cpu = if polls || self.running.len() > 1 {
-                                None
-                            } else {
-                                crate::workers::incoming_cpu(rd.as_ref())
-                            };
-                            crate::workers::follow_incoming_cpu(cpu);
+                        if self.last_heard >= self.next_follow {
+                            self.follow_initiator(&rd, busy_poll);
                         }
                         self.ping_outstanding = None;
                         if !self.handle_pdu(pdu).await? {
@@ -521,6 +510,24 @@ impl Conn {
                 _ = tick.tick() => self.keepalive().await?,
             }
         }
+    }
+
+    /// Follow mode (`crate::workers`): keeps this thread on the CPU the connection's packets
+    /// arrive on while the initiator waits for each command in turn; lets go when the
+    /// connection busy-polls or has several commands in flight. At most every
+    /// [`FOLLOW_EVERY`](crate::workers::FOLLOW_EVERY).
+    fn follow_initiator(&mut self, rd: &OwnedReadHalf, busy_poll: Duration) {
+        self.next_follow = self.last_heard + crate::workers::FOLLOW_EVERY;
+        if !crate::workers::following() {
+            return;
+        }
+        let polls = !busy_poll.is_zero() && self.last_inline;
+        let cpu = if polls || self.running.len() > 1 {
+            None
+        } else {
+            crate::workers::incoming_cpu(rd.as_ref())
+        };
+        crate::workers::follow_incoming_cpu(cpu);
     }
 
     async fn task_event(&mut self, ev: TaskEvent) {
