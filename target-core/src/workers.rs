@@ -115,8 +115,8 @@ pub fn following() -> bool {
 
 /// A connection on the calling thread saw its packets arrive on `cpu`: pin this thread
 /// there if the connection is the thread's only one and no other thread holds the CPU; let
-/// go if the thread serves more than one, or with `None` (a connection that busy-polls:
-/// pinned beside its initiator, it would keep the initiator off its own CPU). No-op off a
+/// go if the thread serves more than one, or with `None` (a connection that busy-polls or
+/// has several commands in flight, whose initiator needs its CPU to itself). No-op off a
 /// following thread.
 pub fn follow_incoming_cpu(cpu: Option<usize>) {
     FOLLOW.with(|f| {
