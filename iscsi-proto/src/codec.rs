@@ -15,6 +15,13 @@ use crate::pdu::{
 /// login payloads are additionally capped by [`crate::text`].
 pub const PRE_NEGOTIATION_MAX_DATA: u32 = 16_777_215;
 
+/// Largest data segment a target accepts in the Login Phase. RFC 7143 §13.12:
+/// MaxRecvDataSegmentLength "Default is 8192 bytes", and operational keys such as this one take
+/// effect only when the Login Phase completes (§6.2), so every Login Request is bounded by the
+/// default whatever either side declares. Checked before anything is buffered: an
+/// unauthenticated peer can make us hold at most this much per connection.
+pub const LOGIN_MAX_DATA: u32 = 8192;
+
 /// Length of a CRC32C digest (RFC 7143 §11.2.4).
 pub const DIGEST_LEN: usize = 4;
 
@@ -74,6 +81,9 @@ pub struct Codec {
     pub max_recv_data_segment_length: u32,
 }
 
+/// No digests and the largest data segment the key's range allows: what a decoder of a
+/// negotiated peer's PDUs starts from before it knows the limit. A target reading Login
+/// Requests uses [`Codec::login`] instead.
 impl Default for Codec {
     fn default() -> Self {
         Codec {
@@ -95,6 +105,16 @@ fn padding(len: usize) -> usize {
 }
 
 impl Codec {
+    /// The codec of a connection in the Login Phase: no digests (they start after login,
+    /// RFC 7143 §13.1) and data segments of at most [`LOGIN_MAX_DATA`] bytes.
+    pub fn login() -> Codec {
+        Codec {
+            header_digest: false,
+            data_digest: false,
+            max_recv_data_segment_length: LOGIN_MAX_DATA,
+        }
+    }
+
     /// Total on-wire length of the PDU whose BHS is `bhs`, after validating its lengths.
     fn frame_len(&self, bhs: &Bhs) -> Result<usize, DecodeError> {
         let dlen = bhs_data_segment_len(bhs);
@@ -389,6 +409,29 @@ mod tests {
             buf.capacity() < 8192,
             "nothing reserved for the refused segment"
         );
+    }
+
+    #[test]
+    fn login_codec_refuses_a_login_segment_over_8192_before_buffering() {
+        // A Login Request header (opcode 0x03, immediate) announcing 16 MiB - 1 of data.
+        let mut bhs = [0u8; BHS_LEN];
+        bhs[0] = 0x43;
+        bhs[5..8].copy_from_slice(&[0xff, 0xff, 0xff]);
+        let mut buf = BytesMut::from(&bhs[..]);
+        let err = Codec::login().decode(&mut buf).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::DataSegmentTooLong {
+                len: 0xff_ffff,
+                max: LOGIN_MAX_DATA
+            }
+        );
+        assert_eq!(err.action(), ConnectionAction::Drop);
+        assert!(buf.capacity() < 8192, "nothing reserved for the segment");
+        // 8192 itself is within the limit: the codec waits for the rest.
+        bhs[5..8].copy_from_slice(&[0x00, 0x20, 0x00]);
+        let mut buf = BytesMut::from(&bhs[..]);
+        assert!(Codec::login().decode(&mut buf).unwrap().is_none());
     }
 
     #[test]

@@ -161,7 +161,8 @@ async fn run(
     ctx: ConnectionContext,
 ) -> Result<(), ConnectionError> {
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
-    let mut codec = Codec::default();
+    // Login PDUs are bounded by the default MaxRecvDataSegmentLength until login completes.
+    let mut codec = Codec::login();
     let login = tokio::time::timeout(
         ctx.options.login_timeout,
         login_phase(&mut stream, peer, &ctx, &mut rbuf, &mut codec),

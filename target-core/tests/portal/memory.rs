@@ -228,3 +228,51 @@ async fn read_buffering_is_bounded_per_session() {
         assert_eq!(out.data.len(), LEN as usize);
     }
 }
+
+/// RFC 7143 §13.12 and §6.2: until the Login Phase completes, a data segment is bounded by the
+/// default MaxRecvDataSegmentLength (8192). A peer that announces 16 MiB - 1 in a Login
+/// header (before any authentication) is disconnected at once, before the target buffers it;
+/// sixty such peers once took the agent from 20 to 979 MiB resident.
+#[tokio::test]
+async fn unauthenticated_login_segments_are_bounded_before_buffering() {
+    let t = Target::start(state([target(TARGET, &[0])])).await;
+    let mut peers = Vec::new();
+    for _ in 0..8 {
+        let mut i = t.connect().await;
+        let mut bhs = [0u8; 48];
+        bhs[0] = 0x43; // Login Request, immediate
+        bhs[1] = 0x87; // T, CSG 1, NSG 3
+        bhs[5..8].copy_from_slice(&[0xff, 0xff, 0xff]);
+        i.send_raw(&bhs).await;
+        // The first 64 KiB of the announced segment; a target that buffers would wait for more.
+        i.send_raw(&vec![b'a'; 64 * 1024]).await;
+        peers.push(i);
+    }
+    for mut i in peers {
+        let got = i.expect_closed().await;
+        assert!(got.is_empty(), "answered an oversized login with {got:?}");
+    }
+    // An 8192-byte login segment (the default limit itself) is still read and answered.
+    let mut i = t.connect().await;
+    let mut text = b"InitiatorName=iqn.2026-11.io.ktgt.test:big\0SessionType=Discovery\0".to_vec();
+    text.extend(b"X-ktgt.example.pad=");
+    text.resize(8191, b'p');
+    text.push(0);
+    let mut bhs = [0u8; 48];
+    bhs[0] = 0x43;
+    bhs[1] = 0x81; // T, CSG 0 (security), NSG 1
+    bhs[5..8].copy_from_slice(&[0x00, 0x20, 0x00]);
+    bhs[8] = 0x02; // ISID: type 0x02 (random)
+    bhs[20..24].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+    i.send_raw(&bhs).await;
+    i.send_raw(&text).await;
+    let p = i
+        .recv_within(std::time::Duration::from_secs(5))
+        .await
+        .expect("an answer")
+        .expect("the connection stays open");
+    assert!(
+        matches!(p.header, Header::LoginResponse(_)),
+        "answered with {p:?}"
+    );
+}
