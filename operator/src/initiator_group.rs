@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::api::{
@@ -462,16 +462,18 @@ impl NodeChanges {
 pub fn node_changes(client: Client) -> impl Stream<Item = ()> + Send + 'static {
     let nodes: Api<PartialObjectMeta<Node>> = Api::all(client);
     let mut changes = NodeChanges::default();
-    watcher::watcher(nodes, watcher::Config::default()).filter_map(move |event| {
-        let changed = match event {
-            Ok(event) => changes.handle_event(event),
-            Err(e) => {
-                tracing::warn!(error = %e, "Node watch");
-                false
-            }
-        };
-        futures::future::ready(changed.then_some(()))
-    })
+    crate::watch::backoff(watcher::watcher(nodes, watcher::Config::default())).filter_map(
+        move |event| {
+            let changed = match event {
+                Ok(event) => changes.handle_event(event),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Node watch");
+                    false
+                }
+            };
+            futures::future::ready(changed.then_some(()))
+        },
+    )
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -480,7 +482,15 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let groups: Api<InitiatorGroup> = Api::all(ctx.client.clone());
-    Controller::new(groups, watcher::Config::default())
+    // Controller::new would wrap the watch in kube's default backoff, which never grows
+    // while lists fail (see `crate::watch`).
+    let (reader, writer) = kube::runtime::reflector::store();
+    let stream = kube::runtime::reflector(
+        writer,
+        crate::watch::backoff(watcher::watcher(groups, watcher::Config::default())),
+    )
+    .applied_objects();
+    Controller::for_stream(stream, reader)
         .with_config(
             kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
         )

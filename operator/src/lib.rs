@@ -10,6 +10,7 @@
 //! - [`initiator_group`]: the operator's controller (status from Nodes) and its pure core.
 //! - [`lease`]: leader election on a `coordination.k8s.io` Lease.
 //! - [`telemetry`]: `/healthz`, `/readyz` and `/metrics` for the operator and the node agent.
+//! - [`watch`]: a watch backoff that grows while lists keep failing (kube's resets on `Init`).
 
 pub mod api;
 pub mod initiator_group;
@@ -17,6 +18,7 @@ pub mod lease;
 pub mod telemetry;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod watch;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;

@@ -25,6 +25,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use ktgt_operator::api::{InitiatorGroup, InitiatorGroupBinding, Target};
 use ktgt_operator::telemetry::{Readiness, ReconcileMetrics};
+use ktgt_operator::watch::{backoff, is_progress};
 use kube::runtime::controller::Controller;
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client};
@@ -69,10 +70,10 @@ pub async fn run(
     tasks.push(tokio::spawn(drive(
         reflector(
             groups_writer,
-            watcher(
+            backoff(watcher(
                 Api::<InitiatorGroup>::all(client.clone()),
                 Default::default(),
-            ),
+            )),
         ),
         changes.clone(),
         "InitiatorGroup",
@@ -80,10 +81,10 @@ pub async fn run(
     tasks.push(tokio::spawn(drive(
         reflector(
             bindings_writer,
-            watcher(
+            backoff(watcher(
                 Api::<InitiatorGroupBinding>::all(client.clone()),
                 Default::default(),
-            ),
+            )),
         ),
         changes.clone(),
         "InitiatorGroupBinding",
@@ -91,14 +92,14 @@ pub async fn run(
     let target_changes = changes.clone();
     let target_stream = reflector(
         targets_writer,
-        watcher(
+        backoff(watcher(
             Api::<Target>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )),
     )
-    .default_backoff()
     .inspect(move |event| match event {
-        Ok(_) => target_changes.notify_one(),
+        Ok(e) if is_progress(e) => target_changes.notify_one(),
+        Ok(_) => {}
         Err(e) => warn!(error = %e, "watching Targets failed; retrying"),
     })
     .applied_objects();
@@ -154,16 +155,17 @@ pub async fn run(
     }
 }
 
-/// Drives a reflector, signalling `changes` on every event.
+/// Drives a reflector (its watcher wrapped in [`backoff`]), signalling `changes` on every
+/// event that can change what is served (not the `Init` that starts each list attempt).
 async fn drive<S, K>(stream: S, changes: Arc<Notify>, kind: &'static str)
 where
     S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
 {
-    let stream = stream.default_backoff();
     futures::pin_mut!(stream);
     while let Some(event) = stream.next().await {
         match event {
-            Ok(_) => changes.notify_one(),
+            Ok(e) if is_progress(&e) => changes.notify_one(),
+            Ok(_) => {}
             Err(e) => warn!(kind, error = %e, "watch failed; retrying"),
         }
     }

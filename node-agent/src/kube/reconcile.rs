@@ -23,7 +23,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::{Api, Client, Resource, ResourceExt};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::status::{self, NodeView};
 use super::sync::{Stores, Syncer};
@@ -35,6 +35,8 @@ pub const REPORTER: &str = "ktgt-agent";
 /// Resync period of a served Target (catches changes no watch reports, such as a backing
 /// file appearing).
 const RESYNC: Duration = Duration::from_secs(300);
+/// Retry after a finalizer patch that raced our own earlier write ([`Error::is_stale_cache`]).
+const STALE_RETRY: Duration = Duration::from_millis(200);
 /// Recheck period of a Target that is not fully served.
 const RETRY_FAILED: Duration = Duration::from_secs(30);
 
@@ -129,6 +131,22 @@ impl Error {
         }
     }
 
+    /// A finalizer patch that lost a race with our own earlier write: kube's finalizer helper
+    /// guards its JSON patch with a `test` of the finalizer list it saw, and a reconcile that
+    /// runs on a cached object older than that write fails the test (422) or conflicts (409).
+    /// Removing the finalizer of a Target that is gone already (404) is the same race: an
+    /// earlier reconcile removed it and the API server deleted the object. The next reconcile
+    /// sees the fresh object (or none); nothing is wrong.
+    pub fn is_stale_cache(&self) -> bool {
+        match self {
+            Error::AddFinalizer(kube::Error::Api(s)) => s.code == 422 || s.code == 409,
+            Error::RemoveFinalizer(kube::Error::Api(s)) => {
+                s.code == 422 || s.code == 409 || s.code == 404
+            }
+            _ => false,
+        }
+    }
+
     fn from_finalizer(e: finalizer::Error<Error>) -> Error {
         match e {
             finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
@@ -178,6 +196,10 @@ pub async fn reconcile(target: Arc<Target>, ctx: Arc<Context>) -> Result<Action,
 /// Requeue after a failed reconcile: exponential per Target, 1 s to 5 min.
 pub fn error_policy(target: Arc<Target>, error: &Error, ctx: Arc<Context>) -> Action {
     let name = target.name_any();
+    if error.is_stale_cache() {
+        debug!(target_name = %name, error = %error, "finalizer patch raced our own write; retrying");
+        return Action::requeue(STALE_RETRY);
+    }
     let n = {
         let mut failures = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
         let n = failures.entry(name.clone()).or_insert(0);
@@ -299,5 +321,27 @@ async fn publish(ctx: &Context, target: &Target, event: Event) {
     if let Err(e) = ctx.recorder.publish(&event, &reference).await {
         warn!(target_name = %target.name_any(), error = %e, reason = %event.reason,
             "publishing an Event failed");
+    }
+}
+
+#[cfg(test)]
+mod stale_cache_tests {
+    use super::Error;
+    use kube::core::Status;
+
+    fn api(code: u16) -> kube::Error {
+        kube::Error::Api(Status::failure("x", "Reason").with_code(code).boxed())
+    }
+
+    /// The two races seen on a real API server (tests/kube): a finalizer added twice (JSON
+    /// patch `test` fails, 422) and one removed from a Target already deleted (404).
+    #[test]
+    fn finalizer_races_with_our_own_writes_are_stale_cache_not_failures() {
+        assert!(Error::AddFinalizer(api(422)).is_stale_cache());
+        assert!(Error::AddFinalizer(api(409)).is_stale_cache());
+        assert!(Error::RemoveFinalizer(api(404)).is_stale_cache());
+        assert!(!Error::AddFinalizer(api(403)).is_stale_cache());
+        assert!(!Error::AddFinalizer(api(404)).is_stale_cache());
+        assert!(!Error::RemoveFinalizer(api(500)).is_stale_cache());
     }
 }

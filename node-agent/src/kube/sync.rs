@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Secret;
 use ktgt_operator::api::{document, InitiatorGroup, InitiatorGroupBinding, Target};
+use ktgt_operator::watch::{backoff, is_progress};
 use kube::runtime::reflector::Store;
-use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::runtime::{reflector, watcher};
 use kube::{Api, Client};
 use target_core::config::DesiredState;
 use target_core::table::TargetTable;
@@ -142,12 +143,13 @@ impl SecretStores {
                 let namespace = ns.clone();
                 let task = tokio::spawn(async move {
                     use futures::StreamExt;
-                    let stream = reflector(writer, watcher(api, watcher::Config::default()))
-                        .default_backoff();
+                    let stream =
+                        reflector(writer, backoff(watcher(api, watcher::Config::default())));
                     futures::pin_mut!(stream);
                     while let Some(event) = stream.next().await {
                         match event {
-                            Ok(_) => changes.notify_one(),
+                            Ok(e) if is_progress(&e) => changes.notify_one(),
+                            Ok(_) => {}
                             Err(e) => warn!(namespace = %namespace, error = %e,
                                 "watching Secrets failed; retrying"),
                         }
