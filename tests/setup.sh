@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Usage: tests/setup.sh [--tgt] [--capture] [--perf] [--no-vm]     (root; idempotent)
+# Usage: tests/setup.sh [--tgt] [--capture] [--perf] [--no-vm] [--no-kube]   (root; idempotent)
 # Installs what the end-to-end tests (tests/e2e/run.sh) need on a fresh Debian bookworm machine:
 #   libiscsi-bin   iscsi-ls, iscsi-inq, iscsi-readcapacity16, iscsi-test-cu, iscsi-perf; iproute2 (ss)
 #   qemu-img       one that opens iscsi:// URLs: the system one if it can, else a private
 #                  qemu-utils + qemu-block-extra 7.2 unpacked under tests/tools/peer/.qemu/
 #   qemu-system-x86 socat cpio kmod   for the initiator VM, then builds it
 #                  (tests/tools/initiator-vm/build.sh: kernel + initramfs in its out/)
+#   openssl curl   for the Kubernetes control plane of tests/kube/, which it then builds from
+#                  the Go module proxy (tests/kube/build.sh: kube-apiserver, kube-controller-
+#                  manager, kubectl, etcd; cached under target/kube/bin/)
 # Options: --tgt      also tgt (tgtd, tgtadm): the reference target (E2E_TARGET=tgtd, goldens)
 #          --capture  also tcpdump (tests/tools/capture-goldens.sh)
 #          --perf     also iperf3 and time (tests/tools/peer/perf.sh, tests/perf/compare.sh)
 #          --no-vm    skip the initiator VM
+#          --no-kube  skip the Kubernetes control plane
 # Non-interactive (CI=true, no stdin is fine). Never leaves a service listening on a
 # non-loopback address: Debian's tgt package would start tgt.service on 0.0.0.0:3260 where
 # systemd runs, so service starts are blocked during the install and tgt.service is disabled.
@@ -17,9 +21,9 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive PATH=$PATH:/usr/sbin:/sbin
 here=$(cd "$(dirname "$0")" && pwd)
 t0=$(date +%s.%N)
-with_tgt=0 with_capture=0 with_perf=0 with_vm=1
+with_tgt=0 with_capture=0 with_perf=0 with_vm=1 with_kube=1
 for a in "$@"; do
-  case $a in --tgt) with_tgt=1;; --capture) with_capture=1;; --perf) with_perf=1;; --no-vm) with_vm=0;;
+  case $a in --tgt) with_tgt=1;; --capture) with_capture=1;; --perf) with_perf=1;; --no-vm) with_vm=0;; --no-kube) with_kube=0;;
              *) sed -n 2p "$0"; exit 2;; esac
 done
 [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (apt-get)" >&2; exit 1; }
@@ -29,6 +33,7 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok instal
 # --- apt packages -------------------------------------------------------------------------
 want=(libiscsi-bin libiscsi7 iproute2)   # iproute2: ss, used to find free ports
 ((with_vm)) && want+=(qemu-system-x86 socat cpio kmod gzip)
+((with_kube)) && want+=(openssl curl python3)
 ((with_tgt)) && want+=(tgt)
 ((with_capture)) && want+=(tcpdump)
 ((with_perf)) && want+=(iperf3 time)   # time: /usr/bin/time for client CPU (tests/perf)
@@ -113,6 +118,13 @@ if ((with_vm)); then
   else
     "$vm/build.sh"
   fi
+fi
+
+# --- Kubernetes control plane (tests/kube) -----------------------------------------------------
+if ((with_kube)); then
+  kt0=$(date +%s)
+  kbin=$(bash "$here/kube/build.sh" | tail -1) || { echo "setup.sh: tests/kube/build.sh failed" >&2; exit 1; }
+  log "Kubernetes control plane: $kbin ($(( $(date +%s) - kt0 )) s)"
 fi
 
 log "tools: $(command -v iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-test-cu tgtd tcpdump qemu-system-x86_64 socat 2>/dev/null | tr '\n' ' ')"
