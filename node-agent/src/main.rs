@@ -88,6 +88,11 @@ enum Command {
         /// Address of the /healthz, /readyz and /metrics HTTP server.
         #[arg(long, default_value = "0.0.0.0:9100")]
         metrics_addr: SocketAddr,
+        /// Directory of the CSI driver's volume files: when a Target annotated
+        /// csi.ktgt.io/delete-backing-store=true is deleted, its LUN files under this
+        /// directory are deleted with it (never files elsewhere). Empty: never.
+        #[arg(long, default_value = "/var/lib/ktgt/csi")]
+        csi_volume_dir: PathBuf,
         #[command(flatten)]
         serve: ServeArgs,
     },
@@ -165,6 +170,7 @@ fn main() -> anyhow::Result<()> {
         Command::Kubernetes {
             node_name,
             metrics_addr,
+            csi_volume_dir,
             serve,
         } => {
             let node = match node_name.or_else(|| std::env::var("NODE_NAME").ok()) {
@@ -172,7 +178,14 @@ fn main() -> anyhow::Result<()> {
                 _ => anyhow::bail!("--node-name (or $NODE_NAME) is required"),
             };
             let workers = serve.workers()?;
-            let r = rt.block_on(kubernetes(node, metrics_addr, serve, workers.clone()));
+            let volume_dir = (!csi_volume_dir.as_os_str().is_empty()).then_some(csi_volume_dir);
+            let r = rt.block_on(kubernetes(
+                node,
+                metrics_addr,
+                volume_dir,
+                serve,
+                workers.clone(),
+            ));
             drop(workers);
             r
         }
@@ -320,6 +333,7 @@ async fn reload(source: &Source, table: &Arc<TargetTable>) {
 async fn kubernetes(
     node: String,
     metrics_addr: SocketAddr,
+    volume_dir: Option<PathBuf>,
     args: ServeArgs,
     workers: Option<Arc<Workers>>,
 ) -> anyhow::Result<()> {
@@ -362,6 +376,7 @@ async fn kubernetes(
         metrics,
         readiness,
         shutdown.clone(),
+        volume_dir,
     ));
     info!(node = %node, listen = ?args.listen, "ktgt-agent (kubernetes) started");
 

@@ -9,12 +9,14 @@
 //! - [`crds`] and friends: what the `crdgen` binary prints into `deploy/crds/`.
 //! - [`initiator_group`]: the operator's controller (status from Nodes) and its pure core.
 //! - [`lease`]: leader election on a `coordination.k8s.io` Lease.
+//! - [`quantity`]: Kubernetes quantities (`1Gi`) as byte counts, for the agent and the CSI driver.
 //! - [`telemetry`]: `/healthz`, `/readyz` and `/metrics` for the operator and the node agent.
 //! - [`watch`]: a watch backoff that grows while lists keep failing (kube's resets on `Init`).
 
 pub mod api;
 pub mod initiator_group;
 pub mod lease;
+pub mod quantity;
 pub mod telemetry;
 #[cfg(test)]
 pub(crate) mod testing;

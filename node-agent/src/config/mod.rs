@@ -18,7 +18,6 @@ mod backing;
 mod error;
 mod names;
 mod parse;
-mod quantity;
 mod resolve;
 
 use std::path::Path;
@@ -27,8 +26,8 @@ use target_core::config::DesiredState;
 
 pub use backing::{check_backing_stores, BackingStoreError};
 pub use error::{ConfigError, ObjectError, ObjectKind, Problem};
+pub use ktgt_operator::quantity::parse_bytes;
 pub use names::{check_iscsi_name, MAX_NAME_BYTES};
-pub use quantity::parse_bytes;
 pub use resolve::{
     desired_state, desired_state_for_node, parse_address, Objects, Resolved, DEFAULT_BLOCK_SIZE,
     DEFAULT_NAMESPACE, MAX_LUN, MIN_CHAP_SECRET_BYTES,

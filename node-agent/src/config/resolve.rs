@@ -36,7 +36,7 @@ use super::api::{
 };
 use super::error::{ObjectError, ObjectKind, Problem};
 use super::names::check_iscsi_name;
-use super::quantity::parse_bytes;
+use ktgt_operator::quantity::parse_bytes;
 
 /// Highest LUN ktgt serves: SAM flat space addressing has 14 bits.
 pub const MAX_LUN: i32 = 16383;

@@ -30,18 +30,19 @@ use kube::runtime::controller::Controller;
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client};
 use target_core::table::TargetTable;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use reconcile::{error_policy, reconcile, Context, Error};
-pub use sync::{SecretStores, Stores, Syncer};
+pub use sync::{Changes, SecretStores, Stores, Syncer};
 
 /// Readiness check: the first sync from complete API lists has been applied.
 pub const READY_INITIAL_SYNC: &str = "initial sync";
 /// Readiness check: the portal listens.
 pub const READY_PORTAL: &str = "portal";
 
+/// Target reconciles running at once.
+const RECONCILE_CONCURRENCY: u16 = 8;
 /// Changes arriving closer together than this are applied in one sync.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
@@ -54,8 +55,9 @@ pub async fn run(
     metrics: ReconcileMetrics,
     readiness: Readiness,
     shutdown: CancellationToken,
+    volume_dir: Option<std::path::PathBuf>,
 ) {
-    let changes = Arc::new(Notify::new());
+    let changes = Arc::new(Changes::default());
     let (targets, targets_writer) = reflector::store::<Target>();
     let (groups, groups_writer) = reflector::store::<InitiatorGroup>();
     let (bindings, bindings_writer) = reflector::store::<InitiatorGroupBinding>();
@@ -98,19 +100,24 @@ pub async fn run(
         )),
     )
     .inspect(move |event| match event {
-        Ok(e) if is_progress(e) => target_changes.notify_one(),
+        Ok(e) if is_progress(e) => target_changes.signal(),
         Ok(_) => {}
         Err(e) => warn!(error = %e, "watching Targets failed; retrying"),
     })
     .applied_objects();
 
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client,
         stores,
         Syncer::new(node.clone(), table),
         metrics,
         Some(format!("ktgt-agent-{node}")),
-    ));
+    )
+    .with_changes(changes.clone());
+    if let Some(dir) = volume_dir {
+        ctx = ctx.with_volume_dir(dir);
+    }
+    let ctx = Arc::new(ctx);
 
     // The node-wide sync loop: applies every change at once (revocation does not wait for a
     // Target reconcile), then asks for every Target's status to be recomputed.
@@ -140,6 +147,12 @@ pub async fn run(
 
     info!(node = %node, "watching Targets, InitiatorGroups and InitiatorGroupBindings");
     Controller::for_stream(target_stream, targets)
+        // Bounded: every reconcile may patch the API server, and a node with hundreds of
+        // Targets reconciled at once (at start, on "reconcile all") would have the API server
+        // refuse most of them (429) and the cache lag behind our own writes.
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
+        )
         .reconcile_all_on(trigger)
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(reconcile, error_policy, ctx)
@@ -157,14 +170,14 @@ pub async fn run(
 
 /// Drives a reflector (its watcher wrapped in [`backoff`]), signalling `changes` on every
 /// event that can change what is served (not the `Init` that starts each list attempt).
-async fn drive<S, K>(stream: S, changes: Arc<Notify>, kind: &'static str)
+async fn drive<S, K>(stream: S, changes: Arc<Changes>, kind: &'static str)
 where
     S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
 {
     futures::pin_mut!(stream);
     while let Some(event) = stream.next().await {
         match event {
-            Ok(e) if is_progress(&e) => changes.notify_one(),
+            Ok(e) if is_progress(&e) => changes.signal(),
             Ok(_) => {}
             Err(e) => warn!(kind, error = %e, "watch failed; retrying"),
         }

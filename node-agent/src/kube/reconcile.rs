@@ -13,6 +13,7 @@
 //! the node they name owns it, under the same finalizer name).
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use super::status::{self, NodeView};
-use super::sync::{Stores, Syncer};
+use super::sync::{Changes, Stores, Syncer};
 
 /// Name of this controller in metrics and Events.
 pub const CONTROLLER: &str = "target";
@@ -35,6 +36,8 @@ pub const REPORTER: &str = "ktgt-agent";
 /// Resync period of a served Target (catches changes no watch reports, such as a backing
 /// file appearing).
 const RESYNC: Duration = Duration::from_secs(300);
+/// How long a reconcile may reuse the last sync's view when nothing changed since.
+const VIEW_MAX_AGE: Duration = Duration::from_secs(5);
 /// Retry after a finalizer patch that raced our own earlier write ([`Error::is_stale_cache`]).
 const STALE_RETRY: Duration = Duration::from_millis(200);
 /// Recheck period of a Target that is not fully served.
@@ -51,7 +54,18 @@ pub struct Context {
     failures: std::sync::Mutex<HashMap<String, u32>>,
     /// The clock for `lastTransitionTime` (fixed in tests).
     now: fn() -> String,
+    /// Where CSI volumes' files live (`--csi-volume-dir`): the only directory in which the
+    /// agent deletes a deleted Target's backing file, and only for a Target annotated
+    /// [`DELETE_BACKING_ANNOTATION`].
+    volume_dir: Option<PathBuf>,
+    /// The watches' change counter: a reconcile reuses the last sync's view while it is
+    /// current ([`Syncer::current_view`]).
+    changes: Arc<Changes>,
 }
+
+/// Annotation (value `true`) of a Target whose LUN files the agent deletes with the Target,
+/// when they lie under its `--csi-volume-dir`: volumes of the CSI driver (`csi.ktgt.io`).
+pub const DELETE_BACKING_ANNOTATION: &str = "csi.ktgt.io/delete-backing-store";
 
 impl Context {
     pub fn new(
@@ -76,7 +90,21 @@ impl Context {
             metrics,
             failures: Default::default(),
             now: now_rfc3339,
+            volume_dir: None,
+            changes: Arc::new(Changes::default()),
         }
+    }
+
+    /// The change counter the watches signal (see [`Changes`]).
+    pub fn with_changes(mut self, changes: Arc<Changes>) -> Context {
+        self.changes = changes;
+        self
+    }
+
+    /// Deletes the files of deleted CSI volume Targets under `dir` (see [`Context`]).
+    pub fn with_volume_dir(mut self, dir: PathBuf) -> Context {
+        self.volume_dir = Some(dir);
+        self
     }
 
     /// Uses `now` as the clock (tests).
@@ -87,7 +115,19 @@ impl Context {
 
     /// Runs the node-wide sync.
     pub async fn sync(&self) -> Arc<NodeView> {
-        self.syncer.sync(&self.stores).await
+        let generation = self.changes.generation();
+        self.syncer.sync_at(&self.stores, generation).await
+    }
+
+    /// The node's view for a reconcile: the last sync's while no change came since (and it is
+    /// younger than [`VIEW_MAX_AGE`], so a file that appears is noticed on the next
+    /// periodic reconcile), else a fresh sync.
+    pub async fn view(&self) -> Arc<NodeView> {
+        let generation = self.changes.generation();
+        match self.syncer.current_view(generation, VIEW_MAX_AGE).await {
+            Some(view) => view,
+            None => self.syncer.sync_at(&self.stores, generation).await,
+        }
     }
 }
 
@@ -213,7 +253,7 @@ pub fn error_policy(target: Arc<Target>, error: &Error, ctx: Arc<Context>) -> Ac
 
 async fn apply(target: &Target, ctx: &Context, api: &Api<Target>) -> Result<Action, Error> {
     let name = target.name_any();
-    let view = ctx.sync().await;
+    let view = ctx.view().await;
     let status = status::target_status(target, &view, &(ctx.now)());
     if target.status.as_ref() != Some(&status) {
         patch_status(api, &name, &status).await?;
@@ -298,6 +338,9 @@ async fn cleanup(target: &Target, ctx: &Context) -> Result<Action, Error> {
         warn!(target_name = %target.name_any(), "still served after cleanup");
     }
     info!(target_name = %target.name_any(), target_iqn = %iqn, sessions, "Target removed");
+    if !still_served {
+        remove_volume_files(target, ctx.volume_dir.as_deref());
+    }
     publish(
         ctx,
         target,
@@ -315,12 +358,116 @@ async fn cleanup(target: &Target, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
+/// The LUN files of a deleted CSI volume Target that may be deleted: those of a Target
+/// annotated [`DELETE_BACKING_ANNOTATION`], each a plain path strictly under `dir` (no `..`).
+pub fn volume_files(target: &Target, dir: Option<&Path>) -> Vec<PathBuf> {
+    let Some(dir) = dir else {
+        return Vec::new();
+    };
+    let annotated = target
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(DELETE_BACKING_ANNOTATION))
+        .is_some_and(|v| v == "true");
+    if !annotated {
+        return Vec::new();
+    }
+    target
+        .spec
+        .luns
+        .iter()
+        .filter_map(|l| l.backing_store.as_deref())
+        .map(PathBuf::from)
+        .filter(|p| {
+            p.is_absolute()
+                && p.starts_with(dir)
+                && p != dir
+                && !p.components().any(|c| c == std::path::Component::ParentDir)
+        })
+        .collect()
+}
+
+fn remove_volume_files(target: &Target, dir: Option<&Path>) {
+    for path in volume_files(target, dir) {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                info!(target_name = %target.name_any(), path = %path.display(), "volume file deleted")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(target_name = %target.name_any(), path = %path.display(), error = %e,
+                "deleting the volume file failed"),
+        }
+    }
+}
+
 /// Events are best effort: a failure is logged, never fails the reconcile.
 async fn publish(ctx: &Context, target: &Target, event: Event) {
     let reference = target.object_ref(&());
     if let Err(e) = ctx.recorder.publish(&event, &reference).await {
         warn!(target_name = %target.name_any(), error = %e, reason = %event.reason,
             "publishing an Event failed");
+    }
+}
+
+#[cfg(test)]
+mod volume_file_tests {
+    use super::*;
+    use ktgt_operator::api::{TargetLun, TargetSpec};
+
+    fn target(annotated: bool, paths: &[&str]) -> Target {
+        let mut t = Target::new(
+            "v",
+            TargetSpec {
+                iqn: "iqn.2026-11.io.ktgt.csi:v".into(),
+                luns: paths
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| TargetLun {
+                        lun: i as i32,
+                        backing_store: Some((*p).to_owned()),
+                        ..TargetLun::default()
+                    })
+                    .collect(),
+                ..TargetSpec::default()
+            },
+        );
+        if annotated {
+            t.metadata.annotations = Some(
+                [(DELETE_BACKING_ANNOTATION.to_owned(), "true".to_owned())]
+                    .into_iter()
+                    .collect(),
+            );
+        }
+        t
+    }
+
+    #[test]
+    fn only_annotated_files_under_the_volume_dir_are_deleted() {
+        let dir = Path::new("/var/lib/ktgt/csi");
+        let t = target(
+            true,
+            &[
+                "/var/lib/ktgt/csi/pool/a.img",
+                "/var/lib/ktgt/csi/../etc/passwd",
+                "/srv/other.img",
+                "relative.img",
+                "/var/lib/ktgt/csi",
+            ],
+        );
+        assert_eq!(
+            volume_files(&t, Some(dir)),
+            vec![PathBuf::from("/var/lib/ktgt/csi/pool/a.img")]
+        );
+        assert!(
+            volume_files(&t, None).is_empty(),
+            "no --csi-volume-dir: nothing"
+        );
+        let plain = target(false, &["/var/lib/ktgt/csi/pool/a.img"]);
+        assert!(
+            volume_files(&plain, Some(dir)).is_empty(),
+            "not annotated: nothing"
+        );
     }
 }
 

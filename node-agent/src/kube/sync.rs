@@ -22,6 +22,7 @@ use ktgt_operator::watch::{backoff, is_progress};
 use kube::runtime::reflector::Store;
 use kube::runtime::{reflector, watcher};
 use kube::{Api, Client};
+use std::sync::atomic::{AtomicU64, Ordering};
 use target_core::config::DesiredState;
 use target_core::table::TargetTable;
 use tokio::sync::Notify;
@@ -76,12 +77,39 @@ where
     }
 }
 
+/// What the watches tell the sync loop: something changed (`notify`), and how many changes
+/// there have been (`generation`), so a reconcile can tell whether the last sync's view is
+/// still current.
+#[derive(Debug, Default)]
+pub struct Changes {
+    notify: Notify,
+    generation: AtomicU64,
+}
+
+impl Changes {
+    /// A watch saw a change.
+    pub fn signal(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    /// Changes so far.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Waits for the next [`Changes::signal`] (or one that came since the last wait).
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
 /// Secrets, watched per namespace: only the namespaces that this node's Targets reference in
 /// `spec.chap`, so the agent needs no cluster-wide Secret access.
 pub struct SecretStores {
     /// `None` in tests: the stores are given, nothing is watched.
     client: Option<Client>,
-    changes: Arc<Notify>,
+    changes: Arc<Changes>,
     watched: std::sync::Mutex<BTreeMap<String, Watched>>,
 }
 
@@ -92,7 +120,7 @@ struct Watched {
 
 impl SecretStores {
     /// Watches namespaces on demand with `client`, notifying `changes` on every event.
-    pub fn new(client: Client, changes: Arc<Notify>) -> SecretStores {
+    pub fn new(client: Client, changes: Arc<Changes>) -> SecretStores {
         SecretStores {
             client: Some(client),
             changes,
@@ -104,7 +132,7 @@ impl SecretStores {
     pub fn fixed(stores: BTreeMap<String, Store<Secret>>) -> SecretStores {
         SecretStores {
             client: None,
-            changes: Arc::new(Notify::new()),
+            changes: Arc::new(Changes::default()),
             watched: std::sync::Mutex::new(
                 stores
                     .into_iter()
@@ -148,7 +176,7 @@ impl SecretStores {
                     futures::pin_mut!(stream);
                     while let Some(event) = stream.next().await {
                         match event {
-                            Ok(e) if is_progress(&e) => changes.notify_one(),
+                            Ok(e) if is_progress(&e) => changes.signal(),
                             Ok(_) => {}
                             Err(e) => warn!(namespace = %namespace, error = %e,
                                 "watching Secrets failed; retrying"),
@@ -312,6 +340,9 @@ struct SyncState {
     open_failures: BTreeMap<(String, u16), LunFailure>,
     tids: Tids,
     view: Arc<NodeView>,
+    /// The [`Changes::generation`] `view` was computed at, and when.
+    view_generation: Option<u64>,
+    view_at: Option<Instant>,
 }
 
 impl Syncer {
@@ -336,6 +367,28 @@ impl Syncer {
     /// The view of the last sync.
     pub async fn last_view(&self) -> Arc<NodeView> {
         self.state.lock().await.view.clone()
+    }
+
+    /// The last sync's view if it was computed at `generation` less than `max_age` ago: then
+    /// no watch has reported a change since, and a reconcile can use it instead of syncing
+    /// the whole node again (one sync per change, not one per Target).
+    pub async fn current_view(&self, generation: u64, max_age: Duration) -> Option<Arc<NodeView>> {
+        let state = self.state.lock().await;
+        (state.view_generation == Some(generation)
+            && state.view_at.is_some_and(|at| at.elapsed() < max_age))
+        .then(|| state.view.clone())
+    }
+
+    /// [`Syncer::sync`], recording that its view reflects the stores as of `generation` (read
+    /// before the sync starts, so a change during it makes the view stale).
+    pub async fn sync_at(&self, stores: &Stores, generation: u64) -> Arc<NodeView> {
+        let view = self.sync(stores).await;
+        let mut state = self.state.lock().await;
+        if Arc::ptr_eq(&state.view, &view) {
+            state.view_generation = Some(generation);
+            state.view_at = Some(Instant::now());
+        }
+        view
     }
 
     /// Recomputes the desired state from `stores` and applies it if it differs from the last
