@@ -123,7 +123,7 @@ start_apiserver() {
   cat >"$dir/audit-policy.yaml" <<'EOF'
 apiVersion: audit.k8s.io/v1
 kind: Policy
-omitStages: ["RequestReceived"]
+omitStages: ["RequestReceived", "ResponseStarted"]
 rules:
 - level: Metadata
 EOF

@@ -21,9 +21,12 @@ record "kube control plane build ($(( $(date +%s) - t0 )) s)" $rc
 if [ $rc -ne 0 ]; then echo; echo "$passed passed, $failed failed"; exit 1; fi
 export KUBE_BIN=$bin
 
-cargo build -p ktgt-agent -p ktgt-operator >"$log_dir/kube-ktgt-build.log" 2>&1
+bash csi/proto/check.sh >"$log_dir/csi-proto.log" 2>&1
+rc=$?; [ $rc -eq 0 ] || cat "$log_dir/csi-proto.log"; record "csi/proto/csi.proto is the CSI spec's" $rc
+
+cargo build -p ktgt-agent -p ktgt-operator -p ktgt-csi >"$log_dir/kube-ktgt-build.log" 2>&1
 rc=$?; [ $rc -eq 0 ] || tail -30 "$log_dir/kube-ktgt-build.log"; record "ktgt binaries build" $rc
-export KTGT_AGENT=$root/target/debug/ktgt-agent KTGT_OPERATOR=$root/target/debug/ktgt-operator
+export KTGT_AGENT=$root/target/debug/ktgt-agent KTGT_OPERATOR=$root/target/debug/ktgt-operator KTGT_CSI=$root/target/debug/ktgt-csi
 # A test whose tools are missing fails here instead of skipping (tests/setup.sh installs them).
 export KTGT_REQUIRE_TOOLS=1
 

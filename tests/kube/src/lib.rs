@@ -27,12 +27,15 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+
+pub mod agent;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::Value;
 
 /// The repository's root directory.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    root.canonicalize().unwrap_or(root)
 }
 
 /// A running control plane (see the module docs).
@@ -165,6 +168,12 @@ impl ControlPlane {
     pub fn apply_yaml(&self, yaml: &str) {
         let (ok, out, err) = self.kubectl_stdin(&["apply", "-f", "-"], yaml);
         assert!(ok, "kubectl apply failed: {out}{err}\n---\n{yaml}");
+    }
+
+    /// `kubectl apply -f FILE`; panics with kubectl's message on failure.
+    pub fn apply_file(&self, path: &Path) {
+        let (ok, out, err) = self.kubectl(&["apply", "-f", path.to_str().expect("utf-8 path")]);
+        assert!(ok, "kubectl apply -f {} failed: {out}{err}", path.display());
     }
 
     /// `kubectl ARGS` with `input` on its standard input.
@@ -368,12 +377,14 @@ impl Drop for Proc {
     }
 }
 
-/// The ktgt binary `name` (`ktgt-agent`, `ktgt-operator`): `$KTGT_AGENT` / `$KTGT_OPERATOR`,
+/// The ktgt binary `name` (`ktgt-agent`, `ktgt-operator`, `ktgt-csi`): `$KTGT_AGENT`,
+/// `$KTGT_OPERATOR`, `$KTGT_CSI`,
 /// else `target/debug/<name>`.
 pub fn ktgt_bin(name: &str) -> PathBuf {
     let var = match name {
         "ktgt-agent" => "KTGT_AGENT",
         "ktgt-operator" => "KTGT_OPERATOR",
+        "ktgt-csi" => "KTGT_CSI",
         other => panic!("unknown ktgt binary {other}"),
     };
     let path = std::env::var_os(var)

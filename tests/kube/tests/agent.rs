@@ -10,146 +10,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
-use ktgt_kube_tests::{free_port, have, iscsi, ktgt_bin, unique, wait_for, ControlPlane, Proc};
+use ktgt_kube_tests::agent::{
+    assert_nothing_forbidden, skip_without_libiscsi, Agent, AGENT_USER, CLIENT, STRANGER,
+};
+use ktgt_kube_tests::{free_port, iscsi, ktgt_bin, unique, wait_for, ControlPlane, Proc};
 use ktgt_operator::api::{Target, TargetCondition, TARGET_FINALIZER};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::json;
-
-const AGENT_USER: &str = "system:serviceaccount:ktgt-system:ktgt-agent";
-const CLIENT: &str = "iqn.2026-11.io.ktgt.test:client";
-const STRANGER: &str = "iqn.2026-11.io.ktgt.test:stranger";
-
-/// One agent process serving `node`.
-struct Agent {
-    proc: Proc,
-    node: String,
-    portal: String,
-    metrics: u16,
-    kubeconfig: std::path::PathBuf,
-    dir: std::path::PathBuf,
-}
-
-impl Agent {
-    fn start(cp: &ControlPlane, test: &str) -> Agent {
-        Agent::start_as(cp, test, "ktgt-agent")
-    }
-
-    /// An agent authenticated as ServiceAccount `ktgt-system/<sa>`.
-    fn start_as(cp: &ControlPlane, test: &str, sa: &str) -> Agent {
-        cp.install_deploy();
-        let kubeconfig = cp.service_account_kubeconfig("ktgt-system", sa);
-        let dir = cp.scratch(test);
-        let node = unique("node");
-        let portal = format!("127.0.0.1:{}", free_port());
-        let metrics = free_port();
-        let proc = spawn_agent(&kubeconfig, &node, &portal, metrics, &dir);
-        Agent {
-            proc,
-            node,
-            portal,
-            metrics,
-            kubeconfig,
-            dir,
-        }
-    }
-
-    /// Kills the agent (SIGKILL: no cleanup at all) and starts it again, same ports.
-    fn kill_and_restart(&mut self) {
-        self.proc.kill();
-        self.proc = spawn_agent(
-            &self.kubeconfig,
-            &self.node,
-            &self.portal,
-            self.metrics,
-            &self.dir,
-        );
-    }
-
-    fn metrics_text(&self) -> String {
-        let out = Command::new("curl")
-            .args(["-fsS", "--max-time", "3"])
-            .arg(format!("http://127.0.0.1:{}/metrics", self.metrics))
-            .output();
-        match out {
-            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
-            _ => String::new(),
-        }
-    }
-
-    /// `ktgt_sessions{target=iqn}`; `None` while the metrics endpoint does not answer.
-    fn sessions(&self, iqn: &str) -> Option<u64> {
-        let text = self.metrics_text();
-        if text.is_empty() {
-            return None;
-        }
-        let prefix = format!("ktgt_sessions{{target=\"{iqn}\"}} ");
-        Some(
-            text.lines()
-                .find_map(|l| l.strip_prefix(&prefix))
-                .and_then(|n| n.trim().parse().ok())
-                .unwrap_or(0),
-        )
-    }
-
-    fn url(&self, iqn: &str, lun: u16) -> String {
-        format!("iscsi://{}/{iqn}/{lun}", self.portal)
-    }
-
-    /// `iscsi-inq` as `initiator`; whether the login and INQUIRY succeeded.
-    fn can_log_in(&self, initiator: &str, iqn: &str) -> bool {
-        iscsi("iscsi-inq", &["-i", initiator, &self.url(iqn, 0)]).0
-    }
-
-    /// A logged-in reader: iscsi-perf for up to 60 s.
-    fn reader(&self, initiator: &str, url: &str) -> Proc {
-        let mut cmd = Command::new("iscsi-perf");
-        cmd.args(["-i", initiator, "-t", "60", url]);
-        Proc::spawn(cmd, &self.dir.join(format!("reader-{}.log", unique("r"))))
-    }
-
-    async fn wait_sessions(&self, iqn: &str, n: u64, what: &str) {
-        wait_for(
-            what,
-            Duration::from_secs(20),
-            || async { (self.sessions(iqn) == Some(n)).then_some(()) },
-            || {
-                format!(
-                    "sessions: {:?}\nagent log:\n{}",
-                    self.sessions(iqn),
-                    self.proc.log_tail(30)
-                )
-            },
-        )
-        .await
-    }
-
-    async fn wait_login(&self, initiator: &str, iqn: &str, admitted: bool, what: &str) {
-        wait_for(
-            what,
-            Duration::from_secs(20),
-            || async { (self.can_log_in(initiator, iqn) == admitted).then_some(()) },
-            || format!("agent log:\n{}", self.proc.log_tail(30)),
-        )
-        .await
-    }
-}
-
-fn spawn_agent(
-    kubeconfig: &std::path::Path,
-    node: &str,
-    portal: &str,
-    metrics: u16,
-    dir: &std::path::Path,
-) -> Proc {
-    let mut cmd = Command::new(ktgt_bin("ktgt-agent"));
-    cmd.env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "info,kube=warn")
-        .args(["kubernetes", "--node-name", node, "--listen", portal])
-        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
-        .args(["--conn-threads", "1"]);
-    Proc::spawn(cmd, &dir.join("agent.log"))
-}
 
 fn operator(cp: &ControlPlane, test: &str) -> Proc {
     let kubeconfig = cp.service_account_kubeconfig("ktgt-system", "ktgt-operator");
@@ -226,25 +94,6 @@ fn iqn(name: &str) -> String {
     format!("iqn.2026-11.io.ktgt.test:{name}")
 }
 
-/// No request of `user` was refused by RBAC (but those of the test that reaches into a
-/// namespace the agent may not read on purpose, `tenant-*`).
-fn assert_nothing_forbidden(cp: &ControlPlane, user: &str) {
-    let forbidden: Vec<String> = cp
-        .requests_by(user)
-        .iter()
-        .filter(|e| e["responseStatus"]["code"] == 403)
-        .filter(|e| {
-            !e["requestURI"]
-                .as_str()
-                .is_some_and(|u| u.contains("/namespaces/tenant-"))
-        })
-        .map(|e| format!("{} {}", e["verb"], e["requestURI"]))
-        .collect();
-    assert!(forbidden.is_empty(), "{user} was refused: {forbidden:#?}");
-}
-
-/// Whether to skip a test that needs libiscsi's tools: only outside tests/kube/run.sh, which
-/// sets KTGT_REQUIRE_TOOLS=1 (there a missing tool fails the test).
 /// The agent logged no failed reconcile (an API request it should not have made, or one the
 /// server refused).
 fn assert_no_failed_reconcile(agent: &Agent) {
@@ -258,18 +107,6 @@ fn assert_no_failed_reconcile(agent: &Agent) {
         "failed reconciles:\n{}",
         failed.join("\n")
     );
-}
-
-fn skip_without_libiscsi(test: &str) -> bool {
-    if have("iscsi-inq") && have("iscsi-perf") && have("iscsi-ls") {
-        return false;
-    }
-    assert!(
-        std::env::var_os("KTGT_REQUIRE_TOOLS").is_none(),
-        "{test}: libiscsi-bin is not installed (tests/setup.sh installs it)"
-    );
-    eprintln!("SKIP {test}: libiscsi-bin is not installed (tests/setup.sh installs it)");
-    true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -804,7 +641,67 @@ async fn after_api_server_restart_and_expired_watches_the_agent_converges() {
         "the agent's watches were never told they expired (the test did not test expiry):\n{}",
         agent.proc.log_tail(40)
     );
-    // The operator came back too: it still answers and reconciles after the restart.
+    // Nothing served twice or left behind: discovery lists exactly the Targets that exist.
+    let (_, out) = iscsi(
+        "iscsi-ls",
+        &["-i", CLIENT, "-s", &format!("iscsi://{}", agent.portal)],
+    );
+    let listed: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Target:"))
+        .map(|t| t.split_whitespace().next().unwrap_or(""))
+        .collect();
+    let mut want = vec![iqn(&kept), iqn(&added)];
+    want.sort();
+    let mut got: Vec<String> = listed.iter().map(|s| s.to_string()).collect();
+    got.sort();
+    got.dedup();
+    assert_eq!(got, want, "discovery after the restart:\n{out}");
+    assert_eq!(listed.len(), 2, "a Target listed twice:\n{out}");
+    // The operator recovered too. One whose Lease renewals failed for its renew deadline
+    // (10 s) while the API server was down exits ("leadership lost"), so that no replica acts
+    // on a Lease it may have lost; its Deployment's kubelet restarts it, as the test does here.
+    let mut operator = operator;
+    if operator.exited().is_some() {
+        assert!(
+            operator.log_text().contains("leadership lost"),
+            "the operator exited for another reason:\n{}",
+            operator.log_tail(30)
+        );
+        operator = self::operator(cp, "expiry-restarted");
+    }
+    // A Node that joins a group after the restart is in its status.
+    let client = cp.client().await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let groups: Api<ktgt_operator::api::InitiatorGroup> = Api::all(client);
+    let (role, late_node, late_group) = (unique("role"), unique("late"), unique("late-group"));
+    cp.apply_yaml(&format!(
+        "apiVersion: tgtd.unstable.cloud/v1alpha1\nkind: InitiatorGroup\nmetadata: {{name: {late_group}}}\n\
+         spec:\n  nodeSelector: {{role: {role}}}\n  initiatorNameStrategy: {{type: NodeName, initiatorNamePrefix: iqn.2026-11.io.ktgt.nodes}}\n"
+    ));
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": late_node, "labels": {"role": role}},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let want_member = format!("iqn.2026-11.io.ktgt.nodes:{late_node}");
+    wait_for(
+        "the operator to fill a group after the API server restart",
+        Duration::from_secs(30),
+        || async {
+            let g = groups.get_opt(&late_group).await.ok()??;
+            (g.status?.initiators == vec![want_member.clone()]).then_some(())
+        },
+        || format!("operator log:\n{}", operator.log_tail(30)),
+    )
+    .await;
+    let _ = nodes.delete(&late_node, &DeleteParams::default()).await;
     drop(operator);
     assert_no_failed_reconcile(&agent);
     assert_nothing_forbidden(cp, AGENT_USER);

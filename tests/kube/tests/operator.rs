@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
+use ktgt_kube_tests::agent::assert_nothing_forbidden;
 use ktgt_kube_tests::{free_port, ktgt_bin, unique, wait_for, ControlPlane, Proc};
 use ktgt_operator::api::InitiatorGroup;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -70,17 +71,6 @@ fn node(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -
 async fn group_initiators(groups: &Api<InitiatorGroup>, name: &str) -> Option<Vec<String>> {
     let g = groups.get_opt(name).await.ok()??;
     Some(g.status?.initiators)
-}
-
-/// No request of the operator's ServiceAccount was forbidden by RBAC.
-fn assert_nothing_forbidden(cp: &ControlPlane, user: &str) {
-    let forbidden: Vec<String> = cp
-        .requests_by(user)
-        .iter()
-        .filter(|e| e["responseStatus"]["code"] == 403)
-        .map(|e| format!("{} {}", e["verb"], e["requestURI"]))
-        .collect();
-    assert!(forbidden.is_empty(), "{user} was refused: {forbidden:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

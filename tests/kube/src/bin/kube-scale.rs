@@ -1,6 +1,6 @@
 //! Scale benchmark on a real control plane (`bash tests/kube/scale.sh`; not a test).
 //!
-//! Writes `TARGETS` Targets with two memory LUNs each on one node, `NODES` Nodes, `GROUPS`
+//! Writes `TARGETS` Targets with two LUNs each (sparse 1 MiB files) on one node, `NODES` Nodes, `GROUPS`
 //! InitiatorGroups (NodeName strategy, each selecting the Nodes of one label value) and one
 //! binding per group, then starts `ktgt-operator` and `ktgt-agent kubernetes` as their
 //! ServiceAccounts and reports:
@@ -8,9 +8,10 @@
 //!   group's status filled;
 //! - peak and current resident memory of both;
 //! - API requests each made (from the API server's audit log), by verb;
-//! - after one binding is pointed at another group: the time until the Target's ACL in status
-//!   shows it, and how many status writes the agent made for it (it must rewrite only the one
-//!   Target whose access changed, and re-apply nothing else).
+//! - after one binding is pointed at another group: the time until the new group's initiator
+//!   can log in (libiscsi's `iscsi-inq`: the ACL is applied) and until the Target's status
+//!   shows it, and how many status writes the agent made after it (it must rewrite only the
+//!   one Target whose access changed).
 //!
 //! Sizes: `KTGT_SCALE_TARGETS`, `KTGT_SCALE_NODES`, `KTGT_SCALE_GROUPS` (default 500, 200, 20).
 
@@ -18,7 +19,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ktgt_kube_tests::{free_port, ktgt_bin, ControlPlane, Proc};
+use ktgt_kube_tests::{free_port, iscsi, ktgt_bin, ControlPlane, Proc};
 use ktgt_operator::api::{InitiatorGroup, Target};
 use kube::api::ListParams;
 use kube::Api;
@@ -69,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
     let n_groups = env_usize("KTGT_SCALE_GROUPS", 20).max(2);
     let cp = ControlPlane::start(false)?;
     cp.install_deploy();
+    let files = cp.scratch("scale-luns");
     let node = "storage-0";
     let prefix = "iqn.2026-11.io.ktgt.scale";
 
@@ -94,7 +96,8 @@ async fn main() -> anyhow::Result<()> {
     for t in 0..n_targets {
         yaml.push_str(&format!(
             "---\napiVersion: tgtd.unstable.cloud/v1alpha1\nkind: Target\nmetadata: {{name: target-{t}}}\n\
-             spec:\n  nodeName: {node}\n  iqn: {prefix}:target-{t}\n  luns:\n  - {{lun: 0, bsType: memory, size: 1Mi}}\n  - {{lun: 1, bsType: memory, size: 1Mi}}\n"
+             spec:\n  nodeName: {node}\n  iqn: {prefix}:target-{t}\n  luns:\n  - {{lun: 0, backingStore: {dir}/t{t}-0.img, size: 1Mi}}\n  - {{lun: 1, backingStore: {dir}/t{t}-1.img, size: 1Mi}}\n",
+            dir = files.display()
         ));
     }
     let (ok, _, err) = cp.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &yaml);
@@ -115,11 +118,12 @@ async fn main() -> anyhow::Result<()> {
     let operator = Proc::spawn(cmd, &dir.join("operator.log"));
 
     let agent_kc = cp.service_account_kubeconfig("ktgt-system", "ktgt-agent");
+    let portal = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(ktgt_bin("ktgt-agent"));
     cmd.env("KUBECONFIG", &agent_kc)
         .env("RUST_LOG", "warn")
         .args(["kubernetes", "--node-name", node])
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--listen", &portal])
         .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())]);
     let agent_start = Instant::now();
     let agent = Proc::spawn(cmd, &dir.join("agent.log"));
@@ -199,6 +203,15 @@ async fn main() -> anyhow::Result<()> {
         v.sort();
         v
     };
+    let newcomer = expected
+        .first()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("group-1 has no initiators"))?;
+    let url = format!("iscsi://{portal}/{prefix}:target-0/0");
+    anyhow::ensure!(
+        !iscsi("iscsi-inq", &["-i", &newcomer, &url]).0,
+        "{newcomer} logged in before the change"
+    );
     let change = Instant::now();
     let (ok, _, err) = cp.kubectl(&[
         "patch",
@@ -209,6 +222,15 @@ async fn main() -> anyhow::Result<()> {
         r#"{"spec":{"initiatorGroupRef":{"name":"group-1"}}}"#,
     ]);
     anyhow::ensure!(ok, "patching the binding: {err}");
+    let login_admitted = loop {
+        if iscsi("iscsi-inq", &["-i", &newcomer, &url]).0 {
+            break change.elapsed();
+        }
+        anyhow::ensure!(
+            change.elapsed() < Duration::from_secs(60),
+            "{newcomer} not admitted 60 s after the change"
+        );
+    };
     let acl_applied = loop {
         let t = targets.get("target-0").await?;
         let mut acls = t
@@ -248,9 +270,20 @@ async fn main() -> anyhow::Result<()> {
     println!("agent API requests until settled: {agent_requests:?}");
     println!("operator API requests until settled: {operator_requests:?}");
     println!(
-        "one binding change -> ACL in status: {:.2} s",
+        "one binding change -> the new initiator logs in: {:.2} s; ACL in status: {:.2} s",
+        login_admitted.as_secs_f64(),
         acl_applied.as_secs_f64()
     );
+    let refused: BTreeMap<u64, usize> = cp
+        .requests_by(agent_user)
+        .iter()
+        .filter_map(|e| e["responseStatus"]["code"].as_u64())
+        .filter(|c| *c >= 400)
+        .fold(BTreeMap::new(), |mut m, c| {
+            *m.entry(c).or_insert(0) += 1;
+            m
+        });
+    println!("agent requests answered with an error, by code: {refused:?}");
     println!("agent status writes after the change: {patches_after} (target-0: {patches_target0} in all)");
     Ok(())
 }

@@ -1,0 +1,886 @@
+//! The Identity and Controller services: CSI calls in, Kubernetes objects out (see the crate
+//! docs for what a volume is).
+//!
+//! # Contract (CSI spec v1.12, "Controller Service RPC")
+//! - Every call is idempotent: CreateVolume finds the Target its name maps to; publishing
+//!   twice writes the same binding (server-side apply); deleting or unpublishing what is gone
+//!   succeeds.
+//! - Errors are the spec's codes with a message naming what was wrong: INVALID_ARGUMENT for a
+//!   missing or unsupported field (an unknown StorageClass parameter by name), ALREADY_EXISTS
+//!   for a name reused with another size, OUT_OF_RANGE for a capacity range no size fits,
+//!   RESOURCE_EXHAUSTED when no pool has room, NOT_FOUND for an unknown volume or a node id
+//!   that is no initiator name, ABORTED for a stale ListVolumes token, UNAVAILABLE when the API
+//!   server cannot be reached. Nothing is half-created: the Target is the one object
+//!   CreateVolume writes.
+//! - RPCs whose capability is not advertised (snapshots, expansion, modification, cloning)
+//!   answer UNIMPLEMENTED, as the spec requires of them.
+
+use std::collections::BTreeMap;
+
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use ktgt_operator::api::{InitiatorGroup, InitiatorGroupBinding, Target};
+
+use crate::pools::{Pool, Pools};
+use crate::proto::{self, controller_service_capability, volume_capability};
+use crate::volume::{self, ANNOTATION_INITIATOR, LABEL_MANAGED, LABEL_VOLUME};
+use crate::DRIVER_NAME;
+
+/// Field manager of the driver's server-side applies.
+pub const MANAGER: &str = "ktgt-csi";
+/// Size of a volume whose request names none (CSI: "the Plugin MAY choose an implementation-
+/// defined capacity range").
+pub const DEFAULT_BYTES: u64 = 1 << 30;
+/// Sizes are whole MiB (a multiple of every block size the LUN may have).
+pub const GRANULE: u64 = 1 << 20;
+/// The iSCSI port of a pool whose portal is not given.
+pub const ISCSI_PORT: u16 = 3260;
+
+/// StorageClass parameters the driver understands (the provisioner's `csi.storage.k8s.io/`
+/// ones are passed through and ignored).
+pub const PARAMETERS: &[&str] = &["pool", "blockSize"];
+
+/// Both services, on one Kubernetes client.
+#[derive(Clone)]
+pub struct ControllerService {
+    client: Client,
+    pools: Pools,
+    /// Portals by pool name, where a pool declares one.
+    portals: BTreeMap<String, String>,
+}
+
+impl ControllerService {
+    pub fn new(client: Client, pools: Pools, portals: BTreeMap<String, String>) -> Self {
+        ControllerService {
+            client,
+            pools,
+            portals,
+        }
+    }
+
+    fn targets(&self) -> Api<Target> {
+        Api::all(self.client.clone())
+    }
+
+    fn bindings(&self) -> Api<InitiatorGroupBinding> {
+        Api::all(self.client.clone())
+    }
+
+    fn groups(&self) -> Api<InitiatorGroup> {
+        Api::all(self.client.clone())
+    }
+
+    /// The driver's volume Targets.
+    async fn volumes(&self) -> Result<Vec<Target>, Status> {
+        let list = self
+            .targets()
+            .list(&ListParams::default().labels(&format!("{LABEL_MANAGED}=true")))
+            .await
+            .map_err(api_status)?;
+        let mut items = list.items;
+        items.sort_by_key(|t| t.name_any());
+        Ok(items)
+    }
+
+    /// A managed volume Target by id, or NOT_FOUND.
+    async fn volume(&self, id: &str) -> Result<Target, Status> {
+        if !volume::is_volume_id(id) {
+            return Err(Status::not_found(format!(
+                "volume {id:?} does not exist (not an id this driver makes)"
+            )));
+        }
+        match self.targets().get_opt(id).await.map_err(api_status)? {
+            Some(t) if volume::csi_name(&t).is_some() => Ok(t),
+            _ => Err(Status::not_found(format!("volume {id} does not exist"))),
+        }
+    }
+
+    /// Bytes of the pool not promised to its volumes.
+    fn free_bytes(pool: &Pool, volumes: &[Target]) -> u64 {
+        let used: u64 = volumes
+            .iter()
+            .filter(|t| volume::pool_of(t) == Some(pool.name.as_str()))
+            .filter_map(volume::capacity)
+            .sum();
+        pool.capacity.saturating_sub(used)
+    }
+
+    /// The portal initiators reach `pool`'s node on: the pool's own, else the Node's first
+    /// InternalIP (then ExternalIP) and port 3260.
+    async fn portal(&self, pool: &str, node: &str) -> Result<String, Status> {
+        if let Some(p) = self.portals.get(pool) {
+            return Ok(p.clone());
+        }
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
+        let n = nodes
+            .get_opt(node)
+            .await
+            .map_err(api_status)?
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                "storage node {node} of pool {pool} has no Node object to take its address from"
+            ))
+            })?;
+        let addresses = n.status.and_then(|s| s.addresses).unwrap_or_default();
+        ["InternalIP", "ExternalIP"]
+            .iter()
+            .find_map(|kind| addresses.iter().find(|a| a.type_ == *kind))
+            .map(|a| {
+                if a.address.contains(':') {
+                    format!("[{}]:{ISCSI_PORT}", a.address)
+                } else {
+                    format!("{}:{ISCSI_PORT}", a.address)
+                }
+            })
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "storage node {node} of pool {pool} reports no InternalIP or ExternalIP"
+                ))
+            })
+    }
+
+    fn volume_message(t: &Target) -> proto::Volume {
+        let id = t.name_any();
+        let mut context = std::collections::HashMap::new();
+        context.insert("iqn".to_owned(), t.spec.iqn.clone());
+        context.insert("lun".to_owned(), volume::LUN.to_string());
+        if let Some(node) = &t.spec.node_name {
+            context.insert("storageNode".to_owned(), node.clone());
+        }
+        if let Some(pool) = volume::pool_of(t) {
+            context.insert("pool".to_owned(), pool.to_owned());
+        }
+        proto::Volume {
+            capacity_bytes: volume::capacity(t).map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+            volume_id: id,
+            volume_context: context,
+            ..Default::default()
+        }
+    }
+
+    /// The initiators a volume is published to.
+    async fn published_to(&self, id: &str) -> Result<Vec<String>, Status> {
+        let list = self
+            .bindings()
+            .list(&ListParams::default().labels(&format!("{LABEL_VOLUME}={id}")))
+            .await
+            .map_err(api_status)?;
+        let mut nodes: Vec<String> = list
+            .items
+            .iter()
+            .filter_map(|b| b.annotations().get(ANNOTATION_INITIATOR).cloned())
+            .collect();
+        nodes.sort();
+        Ok(nodes)
+    }
+}
+
+/// A Kubernetes API failure as a gRPC status.
+fn api_status(e: kube::Error) -> Status {
+    match &e {
+        kube::Error::Api(s) if s.code == 403 => Status::permission_denied(format!(
+            "the Kubernetes API refused the driver: {} (check the ktgt-csi RBAC)",
+            s.message
+        )),
+        kube::Error::Api(s) if s.code == 409 => {
+            Status::aborted(format!("a concurrent change: {}; retry", s.message))
+        }
+        kube::Error::Api(s) if s.code == 422 || s.code == 400 => Status::invalid_argument(format!(
+            "the Kubernetes API rejected the object: {}",
+            s.message
+        )),
+        _ => Status::unavailable(format!("the Kubernetes API: {e}")),
+    }
+}
+
+/// The access modes a volume of one LUN can serve: on one node at a time (every SINGLE_NODE_*
+/// mode), or read-only on many.
+fn check_capability(cap: &proto::VolumeCapability) -> Result<(), String> {
+    use volume_capability::access_mode::Mode;
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .map(|m| m.mode())
+        .ok_or("volume capability without access_mode")?;
+    let block = match &cap.access_type {
+        Some(volume_capability::AccessType::Block(_)) => true,
+        Some(volume_capability::AccessType::Mount(m)) => {
+            if !["", "ext4", "xfs"].contains(&m.fs_type.as_str()) {
+                return Err(format!(
+                    "fs_type {:?} is not supported; use ext4 or xfs",
+                    m.fs_type
+                ));
+            }
+            false
+        }
+        None => return Err("volume capability without access_type (block or mount)".into()),
+    };
+    match mode {
+        Mode::SingleNodeWriter
+        | Mode::SingleNodeReaderOnly
+        | Mode::SingleNodeSingleWriter
+        | Mode::SingleNodeMultiWriter => Ok(()),
+        Mode::MultiNodeReaderOnly => Ok(()),
+        Mode::MultiNodeMultiWriter if block => Ok(()),
+        Mode::MultiNodeMultiWriter => Err(
+            "MULTI_NODE_MULTI_WRITER needs a raw block volume (a filesystem mounted on two nodes corrupts)"
+                .into(),
+        ),
+        Mode::MultiNodeSingleWriter => {
+            Err("MULTI_NODE_SINGLE_WRITER is not supported".into())
+        }
+        Mode::Unknown => Err("access mode UNKNOWN".into()),
+    }
+}
+
+fn check_capabilities(caps: &[proto::VolumeCapability]) -> Result<(), Status> {
+    if caps.is_empty() {
+        return Err(Status::invalid_argument("volume_capabilities missing"));
+    }
+    for cap in caps {
+        check_capability(cap).map_err(Status::invalid_argument)?;
+    }
+    Ok(())
+}
+
+/// The size to create for `range` (CSI CapacityRange: required_bytes is the floor,
+/// limit_bytes the ceiling, 0 meaning unset), in whole MiB.
+pub fn size_for(range: Option<&proto::CapacityRange>) -> Result<u64, Status> {
+    let (required, limit) = range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
+    if required < 0 || limit < 0 {
+        return Err(Status::invalid_argument(
+            "capacity_range: required_bytes and limit_bytes must not be negative",
+        ));
+    }
+    let (required, limit) = (required as u64, limit as u64);
+    if limit != 0 && required > limit {
+        return Err(Status::out_of_range(format!(
+            "capacity_range: required_bytes {required} exceeds limit_bytes {limit}"
+        )));
+    }
+    let want = if required == 0 {
+        if limit != 0 {
+            limit.min(DEFAULT_BYTES)
+        } else {
+            DEFAULT_BYTES
+        }
+    } else {
+        required
+    };
+    let rounded = want.div_ceil(GRANULE).saturating_mul(GRANULE);
+    if limit != 0 && rounded > limit {
+        // Round down instead when the limit allows a whole MiB at or above the floor.
+        let down = limit / GRANULE * GRANULE;
+        if down >= required && down > 0 {
+            return Ok(down);
+        }
+        return Err(Status::out_of_range(format!(
+            "capacity_range: no size in whole MiB lies between {required} and {limit} bytes"
+        )));
+    }
+    Ok(rounded)
+}
+
+/// Whether `s` has the shape of an iSCSI initiator name (RFC 3720 §3.2.6: iqn., eui., naa.).
+fn is_initiator_name(s: &str) -> bool {
+    let ok_chars = s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.:".contains(&b));
+    let hex = |h: &str, lens: &[usize]| {
+        lens.contains(&h.len()) && h.bytes().all(|b| b.is_ascii_hexdigit())
+    };
+    s.len() <= 223
+        && ((s.starts_with("iqn.") && s.len() > 12 && ok_chars)
+            || s.strip_prefix("eui.").is_some_and(|h| hex(h, &[16]))
+            || s.strip_prefix("naa.").is_some_and(|h| hex(h, &[16, 32])))
+}
+
+#[tonic::async_trait]
+impl proto::identity_server::Identity for ControllerService {
+    async fn get_plugin_info(
+        &self,
+        _: Request<proto::GetPluginInfoRequest>,
+    ) -> Result<Response<proto::GetPluginInfoResponse>, Status> {
+        Ok(Response::new(proto::GetPluginInfoResponse {
+            name: DRIVER_NAME.to_owned(),
+            vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
+            manifest: Default::default(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<proto::GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<proto::GetPluginCapabilitiesResponse>, Status> {
+        use proto::plugin_capability::{service, Service, Type};
+        let cap = |t: service::Type| proto::PluginCapability {
+            r#type: Some(Type::Service(Service { r#type: t as i32 })),
+        };
+        Ok(Response::new(proto::GetPluginCapabilitiesResponse {
+            capabilities: vec![cap(service::Type::ControllerService)],
+        }))
+    }
+
+    async fn probe(
+        &self,
+        _: Request<proto::ProbeRequest>,
+    ) -> Result<Response<proto::ProbeResponse>, Status> {
+        // Ready when the API server answers a list of our Targets.
+        let ready = match self.targets().list(&ListParams::default().limit(1)).await {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(error = %e, "probe: the Kubernetes API does not answer");
+                false
+            }
+        };
+        Ok(Response::new(proto::ProbeResponse { ready: Some(ready) }))
+    }
+}
+
+#[tonic::async_trait]
+impl proto::controller_server::Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        request: Request<proto::CreateVolumeRequest>,
+    ) -> Result<Response<proto::CreateVolumeResponse>, Status> {
+        let req = request.into_inner();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("name missing"));
+        }
+        check_capabilities(&req.volume_capabilities)?;
+        if req.volume_content_source.is_some() {
+            return Err(Status::invalid_argument(
+                "volume_content_source: creating a volume from a snapshot or another volume is not supported",
+            ));
+        }
+        let mut pool_name = None;
+        let mut block_size = None;
+        for (k, v) in &req.parameters {
+            match k.as_str() {
+                "pool" => pool_name = Some(v.as_str()),
+                "blockSize" => {
+                    block_size = Some(match v.as_str() {
+                        "512" => 512,
+                        "4096" => 4096,
+                        _ => {
+                            return Err(Status::invalid_argument(format!(
+                                "parameter blockSize: {v:?}; use 512 or 4096"
+                            )))
+                        }
+                    })
+                }
+                k if k.starts_with("csi.storage.k8s.io/") => {}
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown parameter {other:?}; the parameters are {}",
+                        PARAMETERS.join(", ")
+                    )))
+                }
+            }
+        }
+        let bytes = size_for(req.capacity_range.as_ref())?;
+        let id = volume::target_name(&req.name);
+
+        // Idempotent: the name maps to one Target.
+        if let Some(existing) = self.targets().get_opt(&id).await.map_err(api_status)? {
+            return match (volume::csi_name(&existing), volume::capacity(&existing)) {
+                (Some(n), Some(have)) if n == req.name => {
+                    let fits = req.capacity_range.as_ref().is_none_or(|r| {
+                        (r.required_bytes as u64) <= have
+                            && (r.limit_bytes == 0 || have <= r.limit_bytes as u64)
+                    });
+                    if !fits {
+                        return Err(Status::already_exists(format!(
+                            "volume {:?} exists with {have} bytes, which the requested capacity range does not allow",
+                            req.name
+                        )));
+                    }
+                    Ok(Response::new(proto::CreateVolumeResponse {
+                        volume: Some(Self::volume_message(&existing)),
+                    }))
+                }
+                _ => Err(Status::already_exists(format!(
+                    "Target {id} exists and is not the volume {:?}",
+                    req.name
+                ))),
+            };
+        }
+
+        let volumes = self.volumes().await?;
+        let pool = match pool_name {
+            Some(p) => {
+                let pool = self.pools.get(p).ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "parameter pool: no pool {p:?} (pools: {})",
+                        self.pools
+                            .iter()
+                            .map(|p| p.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+                let free = Self::free_bytes(pool, &volumes);
+                if free < bytes {
+                    return Err(Status::resource_exhausted(format!(
+                        "pool {p} has {free} bytes free, {bytes} asked"
+                    )));
+                }
+                pool
+            }
+            // The pool with the most room.
+            None => self
+                .pools
+                .iter()
+                .map(|p| (Self::free_bytes(p, &volumes), p))
+                .filter(|(free, _)| *free >= bytes)
+                .max_by_key(|(free, _)| *free)
+                .map(|(_, p)| p)
+                .ok_or_else(|| {
+                    Status::resource_exhausted(format!("no pool has {bytes} bytes free"))
+                })?,
+        };
+
+        let target = volume::target(&req.name, pool, bytes, block_size);
+        match self.targets().create(&PostParams::default(), &target).await {
+            Ok(t) => {
+                info!(volume = %req.name, volume_id = %id, pool = %pool.name, bytes, "volume created");
+                Ok(Response::new(proto::CreateVolumeResponse {
+                    volume: Some(Self::volume_message(&t)),
+                }))
+            }
+            // A concurrent CreateVolume of the same name won: the caller retries and finds it.
+            Err(kube::Error::Api(s)) if s.code == 409 => Err(Status::aborted(format!(
+                "volume {:?} is being created by a concurrent call; retry",
+                req.name
+            ))),
+            Err(e) => Err(api_status(e)),
+        }
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<proto::DeleteVolumeRequest>,
+    ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
+        let id = request.into_inner().volume_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("volume_id missing"));
+        }
+        if !volume::is_volume_id(&id) {
+            // Never made by this driver: nothing to delete (CSI: deleting an absent volume
+            // succeeds).
+            return Ok(Response::new(proto::DeleteVolumeResponse {}));
+        }
+        // Access first, then the Target: the agent logs out whoever is still attached and,
+        // when the Target is gone, deletes its file.
+        let bindings = self
+            .bindings()
+            .list(&ListParams::default().labels(&format!("{LABEL_VOLUME}={id}")))
+            .await
+            .map_err(api_status)?;
+        for b in bindings.items {
+            delete_ignoring_absent(&self.bindings(), &b.name_any()).await?;
+        }
+        match self.targets().get_opt(&id).await.map_err(api_status)? {
+            Some(t) if volume::csi_name(&t).is_some() => {
+                delete_ignoring_absent(&self.targets(), &id).await?;
+                info!(volume_id = %id, "volume deleted");
+            }
+            Some(_) => {
+                return Err(Status::failed_precondition(format!(
+                    "Target {id} was not made by this driver; not deleting it"
+                )))
+            }
+            None => {}
+        }
+        Ok(Response::new(proto::DeleteVolumeResponse {}))
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        request: Request<proto::ControllerPublishVolumeRequest>,
+    ) -> Result<Response<proto::ControllerPublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id missing"));
+        }
+        if req.node_id.is_empty() {
+            return Err(Status::invalid_argument("node_id missing"));
+        }
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("volume_capability missing"))?;
+        check_capability(cap).map_err(Status::invalid_argument)?;
+        let target = self.volume(&req.volume_id).await?;
+        if !is_initiator_name(&req.node_id) {
+            return Err(Status::not_found(format!(
+                "node {:?} does not exist: node ids of this driver are the nodes' iSCSI initiator names",
+                req.node_id
+            )));
+        }
+        let pp = PatchParams::apply(MANAGER).force();
+        let group = volume::group(&req.node_id);
+        self.groups()
+            .patch(
+                &volume::group_name(&req.node_id),
+                &pp,
+                &Patch::Apply(&group),
+            )
+            .await
+            .map_err(api_status)?;
+        let binding = volume::binding(&req.volume_id, &req.node_id);
+        self.bindings()
+            .patch(
+                &volume::binding_name(&req.volume_id, &req.node_id),
+                &pp,
+                &Patch::Apply(&binding),
+            )
+            .await
+            .map_err(api_status)?;
+        let pool = volume::pool_of(&target).unwrap_or_default().to_owned();
+        let node = target.spec.node_name.clone().unwrap_or_default();
+        let portal = self.portal(&pool, &node).await?;
+        info!(volume_id = %req.volume_id, node = %req.node_id, "volume published");
+        let context = [
+            ("iqn".to_owned(), target.spec.iqn.clone()),
+            ("lun".to_owned(), volume::LUN.to_string()),
+            ("portal".to_owned(), portal),
+            ("readonly".to_owned(), req.readonly.to_string()),
+        ]
+        .into_iter()
+        .collect();
+        Ok(Response::new(proto::ControllerPublishVolumeResponse {
+            publish_context: context,
+        }))
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        request: Request<proto::ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<proto::ControllerUnpublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id missing"));
+        }
+        if !volume::is_volume_id(&req.volume_id) {
+            return Ok(Response::new(proto::ControllerUnpublishVolumeResponse {}));
+        }
+        if req.node_id.is_empty() {
+            // CSI: "If the node ID is not set, the SP MUST unpublish the volume from all nodes".
+            let list = self
+                .bindings()
+                .list(&ListParams::default().labels(&format!("{LABEL_VOLUME}={}", req.volume_id)))
+                .await
+                .map_err(api_status)?;
+            for b in list.items {
+                delete_ignoring_absent(&self.bindings(), &b.name_any()).await?;
+            }
+        } else {
+            delete_ignoring_absent(
+                &self.bindings(),
+                &volume::binding_name(&req.volume_id, &req.node_id),
+            )
+            .await?;
+        }
+        info!(volume_id = %req.volume_id, node = %req.node_id, "volume unpublished");
+        Ok(Response::new(proto::ControllerUnpublishVolumeResponse {}))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<proto::ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<proto::ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id missing"));
+        }
+        if req.volume_capabilities.is_empty() {
+            return Err(Status::invalid_argument("volume_capabilities missing"));
+        }
+        self.volume(&req.volume_id).await?;
+        for k in req.parameters.keys() {
+            if !PARAMETERS.contains(&k.as_str()) && !k.starts_with("csi.storage.k8s.io/") {
+                return Ok(Response::new(proto::ValidateVolumeCapabilitiesResponse {
+                    confirmed: None,
+                    message: format!("unknown parameter {k:?}"),
+                }));
+            }
+        }
+        for cap in &req.volume_capabilities {
+            if let Err(why) = check_capability(cap) {
+                return Ok(Response::new(proto::ValidateVolumeCapabilitiesResponse {
+                    confirmed: None,
+                    message: why,
+                }));
+            }
+        }
+        Ok(Response::new(proto::ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(proto::validate_volume_capabilities_response::Confirmed {
+                volume_context: req.volume_context,
+                volume_capabilities: req.volume_capabilities,
+                parameters: req.parameters,
+                mutable_parameters: Default::default(),
+            }),
+            message: String::new(),
+        }))
+    }
+
+    async fn list_volumes(
+        &self,
+        request: Request<proto::ListVolumesRequest>,
+    ) -> Result<Response<proto::ListVolumesResponse>, Status> {
+        let req = request.into_inner();
+        let volumes = self.volumes().await?;
+        let start = if req.starting_token.is_empty() {
+            0
+        } else {
+            match req.starting_token.parse::<usize>() {
+                Ok(n) if n <= volumes.len() => n,
+                _ => {
+                    return Err(Status::aborted(format!(
+                        "starting_token {:?} is not one ListVolumes returned (or the list shrank past it)",
+                        req.starting_token
+                    )))
+                }
+            }
+        };
+        if req.max_entries < 0 {
+            return Err(Status::invalid_argument("max_entries must not be negative"));
+        }
+        let max = if req.max_entries == 0 {
+            usize::MAX
+        } else {
+            req.max_entries as usize
+        };
+        let page: Vec<&Target> = volumes.iter().skip(start).take(max).collect();
+        let next = start + page.len();
+        let mut entries = Vec::with_capacity(page.len());
+        for t in page {
+            let published = self.published_to(&t.name_any()).await?;
+            entries.push(proto::list_volumes_response::Entry {
+                volume: Some(Self::volume_message(t)),
+                status: Some(proto::list_volumes_response::VolumeStatus {
+                    published_node_ids: published,
+                    volume_condition: None,
+                }),
+            });
+        }
+        Ok(Response::new(proto::ListVolumesResponse {
+            entries,
+            next_token: if next < volumes.len() {
+                next.to_string()
+            } else {
+                String::new()
+            },
+        }))
+    }
+
+    async fn get_capacity(
+        &self,
+        request: Request<proto::GetCapacityRequest>,
+    ) -> Result<Response<proto::GetCapacityResponse>, Status> {
+        let req = request.into_inner();
+        for cap in &req.volume_capabilities {
+            if check_capability(cap).is_err() {
+                // CSI: capacity for capabilities the plugin cannot provide is 0.
+                return Ok(Response::new(proto::GetCapacityResponse::default()));
+            }
+        }
+        let volumes = self.volumes().await?;
+        let mut pools: Vec<&Pool> = self.pools.iter().collect();
+        if let Some(p) = req.parameters.get("pool") {
+            pools.retain(|pool| pool.name == *p);
+        }
+        let free: u64 = pools.iter().map(|p| Self::free_bytes(p, &volumes)).sum();
+        let largest: u64 = pools
+            .iter()
+            .map(|p| Self::free_bytes(p, &volumes))
+            .max()
+            .unwrap_or(0);
+        Ok(Response::new(proto::GetCapacityResponse {
+            available_capacity: i64::try_from(free).unwrap_or(i64::MAX),
+            maximum_volume_size: Some(i64::try_from(largest).unwrap_or(i64::MAX)),
+            minimum_volume_size: Some(GRANULE as i64),
+        }))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<proto::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<proto::ControllerGetCapabilitiesResponse>, Status> {
+        use controller_service_capability::{rpc, Rpc, Type};
+        let caps = [
+            rpc::Type::CreateDeleteVolume,
+            rpc::Type::PublishUnpublishVolume,
+            rpc::Type::ListVolumes,
+            rpc::Type::ListVolumesPublishedNodes,
+            rpc::Type::GetCapacity,
+            rpc::Type::GetVolume,
+        ]
+        .into_iter()
+        .map(|t| proto::ControllerServiceCapability {
+            r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+        })
+        .collect();
+        Ok(Response::new(proto::ControllerGetCapabilitiesResponse {
+            capabilities: caps,
+        }))
+    }
+
+    async fn controller_get_volume(
+        &self,
+        request: Request<proto::ControllerGetVolumeRequest>,
+    ) -> Result<Response<proto::ControllerGetVolumeResponse>, Status> {
+        let id = request.into_inner().volume_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("volume_id missing"));
+        }
+        let t = self.volume(&id).await?;
+        let published = self.published_to(&id).await?;
+        Ok(Response::new(proto::ControllerGetVolumeResponse {
+            volume: Some(Self::volume_message(&t)),
+            status: Some(proto::controller_get_volume_response::VolumeStatus {
+                published_node_ids: published,
+                volume_condition: None,
+            }),
+        }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        _: Request<proto::CreateSnapshotRequest>,
+    ) -> Result<Response<proto::CreateSnapshotResponse>, Status> {
+        Err(Status::unimplemented(
+            "snapshots are not supported (no CREATE_DELETE_SNAPSHOT capability)",
+        ))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _: Request<proto::DeleteSnapshotRequest>,
+    ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
+        Err(Status::unimplemented(
+            "snapshots are not supported (no CREATE_DELETE_SNAPSHOT capability)",
+        ))
+    }
+
+    async fn get_snapshot(
+        &self,
+        _: Request<proto::GetSnapshotRequest>,
+    ) -> Result<Response<proto::GetSnapshotResponse>, Status> {
+        Err(Status::unimplemented(
+            "snapshots are not supported (no GET_SNAPSHOT capability)",
+        ))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<proto::ListSnapshotsRequest>,
+    ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
+        Err(Status::unimplemented(
+            "snapshots are not supported (no LIST_SNAPSHOTS capability)",
+        ))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        _: Request<proto::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<proto::ControllerExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "expansion is not supported yet (no EXPAND_VOLUME capability: LUNs do not grow online)",
+        ))
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _: Request<proto::ControllerModifyVolumeRequest>,
+    ) -> Result<Response<proto::ControllerModifyVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "volume modification is not supported (no MODIFY_VOLUME capability)",
+        ))
+    }
+}
+
+async fn delete_ignoring_absent<K>(api: &Api<K>, name: &str) -> Result<(), Status>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(api_status(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use volume_capability::access_mode::Mode;
+
+    fn cap(mode: Mode, block: bool, fs: &str) -> proto::VolumeCapability {
+        proto::VolumeCapability {
+            access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
+            access_type: Some(if block {
+                volume_capability::AccessType::Block(Default::default())
+            } else {
+                volume_capability::AccessType::Mount(volume_capability::MountVolume {
+                    fs_type: fs.to_owned(),
+                    ..Default::default()
+                })
+            }),
+        }
+    }
+
+    #[test]
+    fn sizes_follow_the_capacity_range() {
+        let r = |required: i64, limit: i64| proto::CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        };
+        assert_eq!(size_for(None).unwrap(), DEFAULT_BYTES);
+        assert_eq!(size_for(Some(&r(1, 0))).unwrap(), GRANULE);
+        assert_eq!(size_for(Some(&r(10 << 20, 0))).unwrap(), 10 << 20);
+        assert_eq!(size_for(Some(&r(0, 5 << 20))).unwrap(), 5 << 20);
+        assert_eq!(size_for(Some(&r((1 << 20) + 1, 3 << 20))).unwrap(), 2 << 20);
+        assert_eq!(size_for(Some(&r(0, 4 << 30))).unwrap(), DEFAULT_BYTES);
+        assert_eq!(
+            size_for(Some(&r(10, 5))).unwrap_err().code(),
+            tonic::Code::OutOfRange
+        );
+        assert_eq!(
+            size_for(Some(&r(100, 200))).unwrap_err().code(),
+            tonic::Code::OutOfRange,
+            "no whole MiB between 100 and 200 bytes"
+        );
+        assert_eq!(
+            size_for(Some(&r(-1, 0))).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn capabilities_one_node_at_a_time_or_read_only() {
+        assert!(check_capability(&cap(Mode::SingleNodeWriter, false, "ext4")).is_ok());
+        assert!(check_capability(&cap(Mode::SingleNodeWriter, false, "")).is_ok());
+        assert!(check_capability(&cap(Mode::SingleNodeMultiWriter, true, "")).is_ok());
+        assert!(check_capability(&cap(Mode::MultiNodeReaderOnly, false, "xfs")).is_ok());
+        assert!(check_capability(&cap(Mode::MultiNodeMultiWriter, true, "")).is_ok());
+        let e = check_capability(&cap(Mode::MultiNodeMultiWriter, false, "ext4")).unwrap_err();
+        assert!(e.contains("raw block"), "{e}");
+        let e = check_capability(&cap(Mode::SingleNodeWriter, false, "btrfs")).unwrap_err();
+        assert!(e.contains("btrfs"), "{e}");
+        assert!(check_capability(&proto::VolumeCapability::default()).is_err());
+    }
+
+    #[test]
+    fn node_ids_are_initiator_names() {
+        assert!(is_initiator_name("iqn.1994-05.com.redhat:abc123"));
+        assert!(is_initiator_name("eui.0123456789abcdef"));
+        assert!(!is_initiator_name("some-fake-node-id"));
+        assert!(!is_initiator_name("iqn.X"));
+        assert!(!is_initiator_name("IQN.1994-05.COM.REDHAT:ABC"));
+    }
+}

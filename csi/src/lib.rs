@@ -1,0 +1,33 @@
+//! ktgt's CSI driver, `csi.ktgt.io`: dynamic provisioning where every volume is an ordinary
+//! Target of the `tgtd.unstable.cloud/v1alpha1` API, served by the node agent that already
+//! serves hand-written Targets.
+//!
+//! # Layout
+//! - [`proto`]: the CSI spec's messages and services (`proto/csi.proto`, CSI v1.12.0).
+//! - [`pools`]: where volumes are made: `--pool name=…,node=…,path=…,capacity=…`.
+//! - [`volume`]: the mapping between a CSI volume and its Target (names, labels, the spec).
+//! - [`controller`]: the Identity and Controller services on top of the Kubernetes API.
+//! - [`endpoint`]: serving on `unix://PATH`, the CSI convention.
+//!
+//! # What a volume is
+//! CreateVolume writes a Target named after the CSI volume name (`csi-` and 20 hex digits of
+//! its SHA-256, so a retried CreateVolume finds the same object) on the pool's node, with one
+//! LUN (0) on a file of the pool's directory that the agent creates sparse at the volume's
+//! size. ControllerPublishVolume grants one node's initiator, and only it, access: an
+//! InitiatorGroup per initiator name and an InitiatorGroupBinding per (volume, node);
+//! ControllerUnpublishVolume deletes the binding, and the agent logs that initiator's sessions
+//! out at once.
+
+pub mod controller;
+pub mod endpoint;
+pub mod pools;
+pub mod volume;
+
+/// The CSI spec's generated messages and services (package `csi.v1`).
+#[allow(clippy::all, missing_docs, unreachable_pub)]
+pub mod proto {
+    tonic::include_proto!("csi.v1");
+}
+
+/// The driver's name, as StorageClasses and CSIDriver objects name it.
+pub const DRIVER_NAME: &str = "csi.ktgt.io";

@@ -1,0 +1,245 @@
+//! A CSI volume as Kubernetes objects: its Target, and per attached node an InitiatorGroup
+//! and an InitiatorGroupBinding. Pure: names, labels and specs; no API calls.
+
+use std::collections::BTreeMap;
+
+use ktgt_operator::api::{
+    InitiatorGroup, InitiatorGroupBinding, InitiatorGroupBindingSpec, InitiatorGroupReference,
+    InitiatorGroupSpec, Quantity, Target, TargetLun, TargetReference, TargetSpec,
+};
+use kube::api::ObjectMeta;
+use sha2::{Digest, Sha256};
+
+use crate::pools::Pool;
+
+/// Label on every object the driver writes (value `true`).
+pub const LABEL_MANAGED: &str = "csi.ktgt.io/managed";
+/// Label: the pool a volume's Target is in.
+pub const LABEL_POOL: &str = "csi.ktgt.io/pool";
+/// Label on a binding: the volume (Target name) it opens.
+pub const LABEL_VOLUME: &str = "csi.ktgt.io/volume";
+/// Annotation: the CSI volume name the Target was created for.
+pub const ANNOTATION_NAME: &str = "csi.ktgt.io/name";
+/// Annotation: the volume's size in bytes, as created.
+pub const ANNOTATION_CAPACITY: &str = "csi.ktgt.io/capacity-bytes";
+/// Annotation: the agent may delete the LUN's file when the Target is deleted (only under its
+/// `--csi-volume-dir`).
+pub const ANNOTATION_DELETE_BACKING: &str = "csi.ktgt.io/delete-backing-store";
+/// Annotation on a group: the initiator name it holds.
+pub const ANNOTATION_INITIATOR: &str = "csi.ktgt.io/initiator";
+/// The IQN prefix of volume Targets.
+pub const IQN_PREFIX: &str = "iqn.2026-11.io.ktgt.csi";
+/// The LUN number of a volume.
+pub const LUN: i32 = 0;
+
+fn short_hash(s: &str) -> String {
+    let digest = Sha256::digest(s.as_bytes());
+    hex::encode(&digest[..10])
+}
+
+/// The Target name (and CSI volume id) for the CSI volume `name`.
+pub fn target_name(name: &str) -> String {
+    format!("csi-{}", short_hash(name))
+}
+
+/// The InitiatorGroup holding initiator `iqn`.
+pub fn group_name(iqn: &str) -> String {
+    format!("csi-node-{}", short_hash(iqn))
+}
+
+/// The binding opening volume `volume_id` to initiator `iqn`.
+pub fn binding_name(volume_id: &str, iqn: &str) -> String {
+    format!("{volume_id}-{}", &short_hash(iqn)[..12])
+}
+
+/// Whether `id` has the shape of a volume id this driver makes.
+pub fn is_volume_id(id: &str) -> bool {
+    id.strip_prefix("csi-")
+        .is_some_and(|h| h.len() == 20 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The IQN of volume `volume_id`.
+pub fn target_iqn(volume_id: &str) -> String {
+    format!("{IQN_PREFIX}:{volume_id}")
+}
+
+fn managed_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([(LABEL_MANAGED.to_owned(), "true".to_owned())])
+}
+
+/// The Target of a new volume.
+pub fn target(name: &str, pool: &Pool, bytes: u64, block_size: Option<u32>) -> Target {
+    let id = target_name(name);
+    let mut labels = managed_labels();
+    labels.insert(LABEL_POOL.to_owned(), pool.name.clone());
+    let annotations = BTreeMap::from([
+        (ANNOTATION_NAME.to_owned(), name.to_owned()),
+        (ANNOTATION_CAPACITY.to_owned(), bytes.to_string()),
+        (ANNOTATION_DELETE_BACKING.to_owned(), "true".to_owned()),
+    ]);
+    let spec = TargetSpec {
+        node_name: Some(pool.node.clone()),
+        iqn: target_iqn(&id),
+        luns: vec![TargetLun {
+            lun: LUN,
+            backing_store: Some(format!("{}/{id}.img", pool.path)),
+            size: Some(Quantity(bytes.to_string())),
+            block_size,
+            ..TargetLun::default()
+        }],
+        ..TargetSpec::default()
+    };
+    let mut t = Target::new(&id, spec);
+    t.metadata = ObjectMeta {
+        name: Some(id),
+        labels: Some(labels),
+        annotations: Some(annotations),
+        ..ObjectMeta::default()
+    };
+    t
+}
+
+/// The size a volume Target was created with.
+pub fn capacity(t: &Target) -> Option<u64> {
+    t.metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_CAPACITY)?
+        .parse()
+        .ok()
+}
+
+/// The CSI volume name a Target was created for.
+pub fn csi_name(t: &Target) -> Option<&str> {
+    t.metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_NAME)
+        .map(String::as_str)
+}
+
+/// The pool a volume Target is in.
+pub fn pool_of(t: &Target) -> Option<&str> {
+    t.metadata
+        .labels
+        .as_ref()?
+        .get(LABEL_POOL)
+        .map(String::as_str)
+}
+
+/// The group of one initiator.
+pub fn group(iqn: &str) -> InitiatorGroup {
+    let name = group_name(iqn);
+    let mut g = InitiatorGroup::new(
+        &name,
+        InitiatorGroupSpec {
+            initiators: vec![iqn.to_owned()],
+            ..InitiatorGroupSpec::default()
+        },
+    );
+    g.metadata.labels = Some(managed_labels());
+    g.metadata.annotations = Some(BTreeMap::from([(
+        ANNOTATION_INITIATOR.to_owned(),
+        iqn.to_owned(),
+    )]));
+    g
+}
+
+/// The binding that opens `volume_id` to `iqn`.
+pub fn binding(volume_id: &str, iqn: &str) -> InitiatorGroupBinding {
+    let name = binding_name(volume_id, iqn);
+    let mut b = InitiatorGroupBinding::new(
+        &name,
+        InitiatorGroupBindingSpec {
+            target_ref: TargetReference {
+                name: volume_id.to_owned(),
+            },
+            initiator_group_ref: InitiatorGroupReference {
+                name: group_name(iqn),
+            },
+        },
+    );
+    let mut labels = managed_labels();
+    labels.insert(LABEL_VOLUME.to_owned(), volume_id.to_owned());
+    b.metadata.labels = Some(labels);
+    b.metadata.annotations = Some(BTreeMap::from([(
+        ANNOTATION_INITIATOR.to_owned(),
+        iqn.to_owned(),
+    )]));
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> Pool {
+        Pool::parse("name=fast,node=storage-1,path=/var/lib/ktgt/csi/fast,capacity=10Gi").unwrap()
+    }
+
+    #[test]
+    fn names_are_stable_and_valid_object_names() {
+        let id = target_name("pvc-0b1c2d3e-aaaa-bbbb-cccc-0123456789ab");
+        assert_eq!(id, target_name("pvc-0b1c2d3e-aaaa-bbbb-cccc-0123456789ab"));
+        assert_ne!(id, target_name("pvc-other"));
+        assert!(is_volume_id(&id), "{id}");
+        assert_eq!(id.len(), 24);
+        assert!(!is_volume_id("csi-xyz"));
+        assert!(!is_volume_id("pvc-1"));
+        let b = binding_name(&id, "iqn.1994-05.com.redhat:abc");
+        assert!(b.len() <= 63, "{b}");
+        assert!(group_name("iqn.1994-05.com.redhat:abc").len() <= 63);
+    }
+
+    #[test]
+    fn a_volume_target_has_one_lun_in_its_pool() {
+        let t = target("pvc-1", &pool(), 1 << 30, Some(4096));
+        let id = target_name("pvc-1");
+        assert_eq!(t.metadata.name.as_deref(), Some(id.as_str()));
+        assert_eq!(t.spec.node_name.as_deref(), Some("storage-1"));
+        assert_eq!(t.spec.iqn, format!("iqn.2026-11.io.ktgt.csi:{id}"));
+        assert_eq!(t.spec.luns.len(), 1);
+        let lun = &t.spec.luns[0];
+        assert_eq!(lun.lun, 0);
+        assert_eq!(
+            lun.backing_store.as_deref(),
+            Some(format!("/var/lib/ktgt/csi/fast/{id}.img").as_str())
+        );
+        assert_eq!(lun.size, Some(Quantity("1073741824".into())));
+        assert_eq!(capacity(&t), Some(1 << 30));
+        assert_eq!(csi_name(&t), Some("pvc-1"));
+        assert_eq!(pool_of(&t), Some("fast"));
+        // The IQN passes the CRD's pattern.
+        let re = regex_lite(&t.spec.iqn);
+        assert!(re, "{}", t.spec.iqn);
+    }
+
+    /// The parts of the CRD's IQN pattern a volume IQN exercises.
+    fn regex_lite(iqn: &str) -> bool {
+        let Some(rest) = iqn.strip_prefix("iqn.2026-11.io.ktgt.csi:") else {
+            return false;
+        };
+        rest.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.:".contains(&b))
+    }
+
+    #[test]
+    fn bindings_name_their_volume_and_group() {
+        let b = binding("csi-0123456789abcdef0123", "iqn.1994-05.com.redhat:n1");
+        assert_eq!(b.spec.target_ref.name, "csi-0123456789abcdef0123");
+        assert_eq!(
+            b.spec.initiator_group_ref.name,
+            group_name("iqn.1994-05.com.redhat:n1")
+        );
+        assert_eq!(
+            b.metadata
+                .labels
+                .unwrap()
+                .get(LABEL_VOLUME)
+                .map(String::as_str),
+            Some("csi-0123456789abcdef0123")
+        );
+        let g = group("iqn.1994-05.com.redhat:n1");
+        assert_eq!(g.spec.initiators, vec!["iqn.1994-05.com.redhat:n1"]);
+    }
+}

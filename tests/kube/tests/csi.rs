@@ -1,0 +1,374 @@
+//! `ktgt-csi controller` as a process on a real kube-apiserver, authenticated as its own
+//! ServiceAccount with `deploy/csi/controller-rbac.yaml`, beside `ktgt-agent kubernetes`;
+//! driven over its unix socket by a gRPC client of the CSI spec's services, and checked with
+//! libiscsi: a volume is a Target the agent serves, and publishing it to a node opens it to
+//! that node's initiator name and to no other.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use ktgt_csi::proto::controller_client::ControllerClient;
+use ktgt_csi::proto::identity_client::IdentityClient;
+use ktgt_csi::proto::{self, volume_capability};
+use ktgt_kube_tests::agent::{
+    assert_nothing_forbidden, skip_without_libiscsi, Agent, CLIENT, STRANGER,
+};
+use ktgt_kube_tests::{ktgt_bin, repo_root, unique, wait_for, ControlPlane, Proc};
+use ktgt_operator::api::Target;
+use kube::Api;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::Code;
+
+const CSI_USER: &str = "system:serviceaccount:ktgt-system:ktgt-csi-controller";
+
+async fn channel(socket: std::path::PathBuf) -> Channel {
+    for _ in 0..100 {
+        if socket.exists() {
+            let path = socket.clone();
+            if let Ok(ch) = Endpoint::try_from("http://[::]:50051")
+                .unwrap()
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
+                }))
+                .await
+            {
+                return ch;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the CSI endpoint {} never answered", socket.display());
+}
+
+fn mount_cap() -> proto::VolumeCapability {
+    proto::VolumeCapability {
+        access_mode: Some(volume_capability::AccessMode {
+            mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(volume_capability::AccessType::Mount(
+            volume_capability::MountVolume {
+                fs_type: "ext4".into(),
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+fn create(name: &str, bytes: i64, params: &[(&str, &str)]) -> proto::CreateVolumeRequest {
+    proto::CreateVolumeRequest {
+        name: name.to_owned(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap()],
+        parameters: params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<HashMap<_, _>>(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_are_targets_and_publishing_opens_them_to_one_node() {
+    if skip_without_libiscsi("csi") {
+        return;
+    }
+    let cp = ControlPlane::shared();
+    cp.install_deploy();
+    cp.apply_file(&repo_root().join("deploy/csi/controller-rbac.yaml"));
+    // The agent deletes a deleted volume's file only under its --csi-volume-dir.
+    let agent = Agent::start_with(cp, "csi", "ktgt-agent", &["--csi-volume-dir", "{dir}/pool"]);
+    let pool_dir = agent.dir.join("pool");
+    std::fs::create_dir_all(&pool_dir).unwrap();
+    let socket = agent.dir.join("csi.sock");
+    let kubeconfig = cp.service_account_kubeconfig("ktgt-system", "ktgt-csi-controller");
+    let mut cmd = Command::new(ktgt_bin("ktgt-csi"));
+    cmd.env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info,kube=warn")
+        .args([
+            "controller",
+            "--endpoint",
+            &format!("unix://{}", socket.display()),
+        ])
+        .arg("--pool")
+        .arg(format!(
+            "name=p1,node={},path={},capacity=64Mi,portal={}",
+            agent.node,
+            pool_dir.display(),
+            agent.portal
+        ));
+    let csi = Proc::spawn(cmd, &agent.dir.join("csi.log"));
+    let ch = channel(socket.clone()).await;
+    let mut identity = IdentityClient::new(ch.clone());
+    let mut ctl = ControllerClient::new(ch);
+    let info = identity
+        .get_plugin_info(proto::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "csi.ktgt.io");
+    let probe = identity
+        .probe(proto::ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe.ready, Some(true), "{}", csi.log_tail(20));
+
+    // CreateVolume: a Target the agent serves, its file created sparse at the size.
+    let name = unique("pvc");
+    let v = ctl
+        .create_volume(create(&name, 16 << 20, &[("pool", "p1")]))
+        .await
+        .unwrap_or_else(|e| panic!("CreateVolume: {e}\n{}", csi.log_tail(20)))
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.capacity_bytes, 16 << 20);
+    let id = v.volume_id.clone();
+    let iqn = v.volume_context["iqn"].clone();
+    let targets: Api<Target> = Api::all(cp.client().await);
+    wait_for(
+        "the volume's Target Ready",
+        Duration::from_secs(30),
+        || async {
+            let t = targets.get_opt(&id).await.ok()??;
+            t.status?
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
+        },
+        || agent.proc.log_tail(30),
+    )
+    .await;
+    let file = pool_dir.join(format!("{id}.img"));
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 16 << 20);
+    // Idempotent by name; the same name with another size is ALREADY_EXISTS.
+    let again = ctl
+        .create_volume(create(&name, 16 << 20, &[("pool", "p1")]))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(again.volume_id, id);
+    let e = ctl
+        .create_volume(create(&name, 32 << 20, &[("pool", "p1")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e}");
+    // Bad input: each a precise status, nothing created.
+    let e = ctl
+        .create_volume(create(&unique("pvc"), 1 << 20, &[("replicas", "3")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("\"replicas\""), "{e}");
+    let e = ctl
+        .create_volume(create(&unique("pvc"), 1 << 20, &[("pool", "nowhere")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("nowhere"), "{e}");
+    let e = ctl
+        .create_volume(create(&unique("pvc"), 1 << 30, &[("pool", "p1")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    let (_, out, _) = cp.kubectl(&[
+        "get",
+        "targets",
+        "-l",
+        "csi.ktgt.io/managed=true",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(out.lines().count(), 1, "something half-created: {out}");
+
+    // Not published: nobody logs in. Published to CLIENT: CLIENT only.
+    assert!(!agent.can_log_in(CLIENT, &iqn));
+    let publish = |node: &str| proto::ControllerPublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: node.to_owned(),
+        volume_capability: Some(mount_cap()),
+        ..Default::default()
+    };
+    let ctx = ctl
+        .controller_publish_volume(publish(CLIENT))
+        .await
+        .unwrap_or_else(|e| panic!("ControllerPublishVolume: {e}\n{}", csi.log_tail(20)))
+        .into_inner()
+        .publish_context;
+    assert_eq!(ctx["iqn"], iqn);
+    assert_eq!(ctx["lun"], "0");
+    assert_eq!(ctx["portal"], agent.portal);
+    agent
+        .wait_login(CLIENT, &iqn, true, "the published node's initiator logs in")
+        .await;
+    assert!(
+        !agent.can_log_in(STRANGER, &iqn),
+        "another initiator logged in"
+    );
+    // Publishing again is idempotent; an unknown node is NOT_FOUND.
+    ctl.controller_publish_volume(publish(CLIENT))
+        .await
+        .unwrap();
+    let e = ctl
+        .controller_publish_volume(publish("some-fake-node-id"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let mut unknown = publish(CLIENT);
+    unknown.volume_id = "csi-00000000000000000000".into();
+    assert_eq!(
+        ctl.controller_publish_volume(unknown)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let got = ctl
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.status.unwrap().published_node_ids,
+        vec![CLIENT.to_owned()]
+    );
+
+    // Unpublish while CLIENT reads: its session is logged out and the next login refused.
+    let reader = agent.reader(CLIENT, &agent.url(&iqn, 0));
+    agent
+        .wait_sessions(&iqn, 1, "the published node's session")
+        .await;
+    ctl.controller_unpublish_volume(proto::ControllerUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: CLIENT.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    agent
+        .wait_sessions(&iqn, 0, "the session logged out on unpublish")
+        .await;
+    drop(reader);
+    agent
+        .wait_login(CLIENT, &iqn, false, "login refused after unpublish")
+        .await;
+    // Unpublishing again, or from a node it was never published to, succeeds.
+    ctl.controller_unpublish_volume(proto::ControllerUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: CLIENT.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // ListVolumes pages; GetCapacity accounts; ValidateVolumeCapabilities.
+    let second = ctl
+        .create_volume(create(&unique("pvc"), 8 << 20, &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let page1 = ctl
+        .list_volumes(proto::ListVolumesRequest {
+            max_entries: 1,
+            starting_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page1.entries.len(), 1);
+    assert!(!page1.next_token.is_empty());
+    let page2 = ctl
+        .list_volumes(proto::ListVolumesRequest {
+            max_entries: 1,
+            starting_token: page1.next_token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page2.entries.len(), 1);
+    assert!(page2.next_token.is_empty());
+    let mut ids: Vec<String> = page1
+        .entries
+        .iter()
+        .chain(&page2.entries)
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect();
+    ids.sort();
+    let mut want = vec![id.clone(), second.volume_id.clone()];
+    want.sort();
+    assert_eq!(ids, want);
+    let e = ctl
+        .list_volumes(proto::ListVolumesRequest {
+            max_entries: 1,
+            starting_token: "bogus".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted);
+    let cap = ctl
+        .get_capacity(proto::GetCapacityRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cap.available_capacity, (64 - 16 - 8) << 20);
+    let ok = ctl
+        .validate_volume_capabilities(proto::ValidateVolumeCapabilitiesRequest {
+            volume_id: id.clone(),
+            volume_capabilities: vec![mount_cap()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.confirmed.is_some(), "{}", ok.message);
+
+    // DeleteVolume: the Target goes, and the agent deletes its file; deleting again is fine.
+    for v in [&id, &second.volume_id] {
+        ctl.delete_volume(proto::DeleteVolumeRequest {
+            volume_id: v.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    wait_for(
+        "the volume's Target and file gone",
+        Duration::from_secs(30),
+        || async { (targets.get_opt(&id).await.ok()?.is_none() && !file.exists()).then_some(()) },
+        || agent.proc.log_tail(30),
+    )
+    .await;
+    ctl.delete_volume(proto::DeleteVolumeRequest {
+        volume_id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, out, _) = cp.kubectl(&[
+        "get",
+        "initiatorgroupbindings",
+        "-l",
+        "csi.ktgt.io/managed=true",
+        "-o",
+        "name",
+    ]);
+    assert!(out.trim().is_empty(), "bindings left behind: {out}");
+    assert_nothing_forbidden(cp, CSI_USER);
+    drop(csi);
+}
