@@ -99,10 +99,13 @@ pub async fn run(
             watcher::Config::default(),
         )),
     )
-    .inspect(move |event| match event {
-        Ok(e) if is_progress(e) => target_changes.signal(),
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "watching Targets failed; retrying"),
+    .inspect({
+        let mut seen = TargetChanges::default();
+        move |event| match event {
+            Ok(e) if seen.matters(e) => target_changes.signal(),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "watching Targets failed; retrying"),
+        }
     })
     .applied_objects();
 
@@ -165,6 +168,104 @@ pub async fn run(
         .await;
     for task in tasks {
         task.abort();
+    }
+}
+
+/// Which Target events can change what the node serves: a Target appearing or going, its
+/// spec changing (`metadata.generation`: the status subresource keeps status writes out of
+/// it), its labels or annotations changing (a user's edit, such as an annotation to make the
+/// agent look again), its deletion starting, and the end of a (re)list. Not our own status
+/// and finalizer writes, which would otherwise make every reconcile's view stale and cost a
+/// node-wide sync per Target.
+#[derive(Default)]
+struct TargetChanges {
+    /// Name -> what matters of it, as last seen.
+    seen: std::collections::HashMap<String, TargetKey>,
+    /// The objects of a relist in progress (they replace `seen` when it is done).
+    relist: std::collections::HashMap<String, TargetKey>,
+}
+
+type TargetKey = (Option<i64>, bool, u64);
+
+fn target_key(t: &Target) -> TargetKey {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    t.metadata.labels.hash(&mut h);
+    t.metadata.annotations.hash(&mut h);
+    (
+        t.metadata.generation,
+        t.metadata.deletion_timestamp.is_some(),
+        h.finish(),
+    )
+}
+
+impl TargetChanges {
+    fn matters(&mut self, event: &watcher::Event<Target>) -> bool {
+        let name = |t: &Target| t.metadata.name.clone().unwrap_or_default();
+        match event {
+            watcher::Event::Apply(t) => {
+                self.seen.insert(name(t), target_key(t)) != Some(target_key(t))
+            }
+            watcher::Event::Delete(t) => {
+                self.seen.remove(&name(t));
+                true
+            }
+            watcher::Event::Init => {
+                self.relist.clear();
+                false
+            }
+            watcher::Event::InitApply(t) => {
+                self.relist.insert(name(t), target_key(t));
+                false
+            }
+            // A relist is done: whatever it found replaces what was seen, in one change.
+            watcher::Event::InitDone => {
+                self.seen = std::mem::take(&mut self.relist);
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod target_changes_tests {
+    use super::*;
+    use ktgt_operator::api::TargetSpec;
+
+    fn target(generation: i64, annotation: Option<&str>) -> Target {
+        let mut t = Target::new("t", TargetSpec::default());
+        t.metadata.generation = Some(generation);
+        if let Some(a) = annotation {
+            t.metadata.annotations = Some([("a".to_owned(), a.to_owned())].into());
+        }
+        t
+    }
+
+    #[test]
+    fn status_and_finalizer_writes_do_not_matter_spec_and_annotation_edits_do() {
+        use watcher::Event::*;
+        let mut c = TargetChanges::default();
+        assert!(!c.matters(&Init));
+        assert!(!c.matters(&InitApply(target(1, None))));
+        assert!(c.matters(&InitDone));
+        // The same generation again (our status patch, our finalizer): nothing.
+        assert!(!c.matters(&Apply(target(1, None))));
+        let mut with_finalizer = target(1, None);
+        with_finalizer.metadata.finalizers = Some(vec!["f".into()]);
+        assert!(!c.matters(&Apply(with_finalizer)));
+        // A spec edit, an annotation, a deletion: each matters once.
+        assert!(c.matters(&Apply(target(2, None))));
+        assert!(!c.matters(&Apply(target(2, None))));
+        assert!(c.matters(&Apply(target(2, Some("poke")))));
+        let mut deleting = target(2, Some("poke"));
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        assert!(c.matters(&Apply(deleting)));
+        assert!(c.matters(&Delete(target(2, None))));
+        // Re-created under the same name: new.
+        assert!(c.matters(&Apply(target(1, None))));
     }
 }
 
