@@ -65,7 +65,7 @@ EOF
   ) || die "generating the PKI failed (openssl)"
 }
 
-kubeconfig() { # file user-cert user-key
+kubeconfig() { # file user-name credential-lines (indented for the user: map)
   cat >"$1" <<EOF
 apiVersion: v1
 kind: Config
@@ -75,15 +75,19 @@ clusters:
     server: $APISERVER_URL
     certificate-authority: $dir/pki/ca.crt
 users:
-- name: user
+- name: $2
   user:
-    client-certificate: $2
-    client-key: $3
+$3
 contexts:
 - name: test
-  context: {cluster: test, user: user}
+  context: {cluster: test, user: $2}
 current-context: test
 EOF
+}
+
+cert_kubeconfig() { # file cert key
+  kubeconfig "$1" user "    client-certificate: $2
+    client-key: $3"
 }
 
 pid_of() { [ -s "$dir/$1.pid" ] && cat "$dir/$1.pid"; }
@@ -212,8 +216,8 @@ APISERVER_URL=$APISERVER_URL
 KCM_PORT=$KCM_PORT
 WITH_KCM=$with_kcm
 EOF
-  kubeconfig "$dir/kubeconfig" "$dir/pki/admin.crt" "$dir/pki/admin.key"
-  kubeconfig "$dir/kubeconfig-kcm" "$dir/pki/kcm.crt" "$dir/pki/kcm.key"
+  cert_kubeconfig "$dir/kubeconfig" "$dir/pki/admin.crt" "$dir/pki/admin.key"
+  cert_kubeconfig "$dir/kubeconfig-kcm" "$dir/pki/kcm.crt" "$dir/pki/kcm.key"
   trap 'down; rm -f "$dir/up.pid"; exit 0' TERM INT HUP
   echo $$ >"$dir/up.pid"
   t0=$(date +%s.%N)
@@ -251,23 +255,7 @@ token)
   ns=${3:?namespace}; sa=${4:?service account}; out=${5:-$dir/kubeconfig-$ns-$sa}
   tok=$("$BIN/kubectl" --kubeconfig "$dir/kubeconfig" -n "$ns" create token "$sa" --duration 24h) ||
     die "TokenRequest for $ns/$sa failed"
-  cat >"$out" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: test
-  cluster:
-    server: $APISERVER_URL
-    certificate-authority: $dir/pki/ca.crt
-users:
-- name: $sa
-  user:
-    token: $tok
-contexts:
-- name: test
-  context: {cluster: test, user: $sa, namespace: $ns}
-current-context: test
-EOF
+  kubeconfig "$out" "$sa" "    token: $tok"
   echo "$out"
   ;;
 *)

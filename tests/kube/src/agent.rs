@@ -128,6 +128,33 @@ impl Agent {
         .await
     }
 
+    /// Holds a session of `initiator` open on `url` (a LUN of `iqn`), runs `revoke`, and
+    /// checks what revocation means: the session is logged out at once and the next login
+    /// through `url` is refused.
+    pub async fn expect_revoked(
+        &self,
+        initiator: &str,
+        iqn: &str,
+        url: &str,
+        revoke: impl std::future::Future<Output = ()>,
+        what: &str,
+    ) {
+        let reader = self.reader(initiator, url);
+        self.wait_sessions(iqn, 1, &format!("the session before {what}"))
+            .await;
+        revoke.await;
+        self.wait_sessions(iqn, 0, &format!("the session logged out after {what}"))
+            .await;
+        drop(reader);
+        wait_for(
+            &format!("login refused after {what}"),
+            Duration::from_secs(20),
+            || async { (!iscsi("iscsi-inq", &["-i", initiator, url]).0).then_some(()) },
+            || format!("agent log:\n{}", self.proc.log_tail(30)),
+        )
+        .await
+    }
+
     pub async fn wait_login(&self, initiator: &str, iqn: &str, admitted: bool, what: &str) {
         wait_for(
             what,

@@ -353,8 +353,12 @@ impl Proc {
     /// SIGTERM, then waits up to `timeout` for the exit; SIGKILL after that.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
+        if let Ok(Some(status)) = c.try_wait() {
+            return Some(status);
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &c.id().to_string()])
+            .stderr(Stdio::null())
             .status();
         let start = Instant::now();
         while start.elapsed() < timeout {

@@ -170,19 +170,18 @@ async fn a_bound_initiator_logs_in_and_deleting_the_binding_or_group_logs_it_out
     );
 
     // Deleting the binding logs the session out and refuses the next login.
-    let reader = agent.reader(CLIENT, &agent.url(&t_iqn, 0));
-    agent.wait_sessions(&t_iqn, 1, "the reader's session").await;
-    cp.kubectl(&["delete", "initiatorgroupbinding", &b]);
+    let url = agent.url(&t_iqn, 0);
+    let delete = |kind: &'static str, name: String| async move {
+        cp.kubectl(&["delete", kind, &name]);
+    };
     agent
-        .wait_sessions(
+        .expect_revoked(
+            CLIENT,
             &t_iqn,
-            0,
-            "the reader logged out after the binding is deleted",
+            &url,
+            delete("initiatorgroupbinding", b.clone()),
+            "the binding is deleted",
         )
-        .await;
-    drop(reader);
-    agent
-        .wait_login(CLIENT, &t_iqn, false, "login refused without a binding")
         .await;
     wait_target(&targets, &agent, &t, "ACL emptied in status", |t| {
         t.status
@@ -197,19 +196,14 @@ async fn a_bound_initiator_logs_in_and_deleting_the_binding_or_group_logs_it_out
     agent
         .wait_login(CLIENT, &t_iqn, true, "login admitted when bound again")
         .await;
-    let reader = agent.reader(CLIENT, &agent.url(&t_iqn, 0));
-    agent.wait_sessions(&t_iqn, 1, "the reader's session").await;
-    cp.kubectl(&["delete", "initiatorgroup", &g]);
     agent
-        .wait_sessions(
+        .expect_revoked(
+            CLIENT,
             &t_iqn,
-            0,
-            "the reader logged out after the group is deleted",
+            &url,
+            delete("initiatorgroup", g.clone()),
+            "the group is deleted",
         )
-        .await;
-    drop(reader);
-    agent
-        .wait_login(CLIENT, &t_iqn, false, "login refused without the group")
         .await;
     assert_no_failed_reconcile(&agent);
     assert_nothing_forbidden(cp, AGENT_USER);
@@ -263,22 +257,24 @@ async fn relabelling_the_node_of_an_initiator_revokes_its_access() {
     )
     .await;
     assert!(agent.can_log_in(&initiator, &t_iqn));
-    let reader = agent.reader(&initiator, &agent.url(&t_iqn, 0));
-    agent.wait_sessions(&t_iqn, 1, "the Node's session").await;
-    nodes
-        .patch(
-            &initiator_node,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"role": "elsewhere"}}})),
+    let relabel = async {
+        nodes
+            .patch(
+                &initiator_node,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"role": "elsewhere"}}})),
+            )
+            .await
+            .unwrap();
+    };
+    agent
+        .expect_revoked(
+            &initiator,
+            &t_iqn,
+            &agent.url(&t_iqn, 0),
+            relabel,
+            "the Node is relabelled",
         )
-        .await
-        .unwrap();
-    agent
-        .wait_sessions(&t_iqn, 0, "the Node's session logged out after the relabel")
-        .await;
-    drop(reader);
-    agent
-        .wait_login(&initiator, &t_iqn, false, "login refused after the relabel")
         .await;
     let _ = nodes
         .delete(&initiator_node, &DeleteParams::default())
@@ -324,17 +320,18 @@ async fn chap_accounts_from_a_secret_and_deleting_the_secret_revokes() {
     assert!(!agent.proc.log_text().contains(password));
     assert!(!agent.metrics_text().contains(password));
 
-    let reader = agent.reader(CLIENT, &with);
-    agent.wait_sessions(&t_iqn, 1, "the CHAP session").await;
-    cp.kubectl(&["delete", "secret", "-n", "ktgt-system", &s]);
+    let delete_secret = async {
+        cp.kubectl(&["delete", "secret", "-n", "ktgt-system", &s]);
+    };
     agent
-        .wait_sessions(
+        .expect_revoked(
+            CLIENT,
             &t_iqn,
-            0,
-            "the CHAP session logged out after the Secret is deleted",
+            &with,
+            delete_secret,
+            "the Secret is deleted",
         )
         .await;
-    drop(reader);
     let failed = wait_target(
         &targets,
         &agent,

@@ -247,33 +247,27 @@ async fn volumes_are_targets_and_publishing_opens_them_to_one_node() {
         vec![CLIENT.to_owned()]
     );
 
-    // Unpublish while CLIENT reads: its session is logged out and the next login refused.
-    let reader = agent.reader(CLIENT, &agent.url(&iqn, 0));
-    agent
-        .wait_sessions(&iqn, 1, "the published node's session")
-        .await;
-    ctl.controller_unpublish_volume(proto::ControllerUnpublishVolumeRequest {
+    // Unpublish while CLIENT reads: its session is logged out and the next login refused;
+    // unpublishing again succeeds.
+    let unpublish = proto::ControllerUnpublishVolumeRequest {
         volume_id: id.clone(),
         node_id: CLIENT.to_owned(),
         ..Default::default()
-    })
-    .await
-    .unwrap();
+    };
+    let mut ctl2 = ctl.clone();
+    let request = unpublish.clone();
     agent
-        .wait_sessions(&iqn, 0, "the session logged out on unpublish")
+        .expect_revoked(
+            CLIENT,
+            &iqn,
+            &agent.url(&iqn, 0),
+            async move {
+                ctl2.controller_unpublish_volume(request).await.unwrap();
+            },
+            "unpublish",
+        )
         .await;
-    drop(reader);
-    agent
-        .wait_login(CLIENT, &iqn, false, "login refused after unpublish")
-        .await;
-    // Unpublishing again, or from a node it was never published to, succeeds.
-    ctl.controller_unpublish_volume(proto::ControllerUnpublishVolumeRequest {
-        volume_id: id.clone(),
-        node_id: CLIENT.to_owned(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    ctl.controller_unpublish_volume(unpublish).await.unwrap();
 
     // ListVolumes pages; GetCapacity accounts; ValidateVolumeCapabilities.
     let second = ctl
