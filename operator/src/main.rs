@@ -36,9 +36,18 @@ struct Args {
     /// This replica's identity in the Lease (default: the Pod name, from POD_NAME).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
-    /// Log as JSON lines.
-    #[arg(long)]
+    /// Log format: human (default) or json (one JSON object a line), as the agent's flag.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    /// Same as --log-format json (the operator's first spelling, kept for existing args).
+    #[arg(long, hide = true)]
     log_json: bool,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[tokio::main]
@@ -46,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if args.log_json {
+    if args.log_json || args.log_format == LogFormat::Json {
         tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)

@@ -34,7 +34,8 @@ fn start_operator(cp: &ControlPlane, name: &str, lease: &str) -> Operator {
         .env("RUST_LOG", "info,kube=warn")
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
         .args(["--lease-name", lease, "--lease-namespace", "ktgt-system"])
-        .args(["--identity", name]);
+        .args(["--identity", name])
+        .args(["--log-format", "json"]);
     Operator {
         proc: Proc::spawn(cmd, &dir.join("operator.log")),
         metrics,
@@ -235,6 +236,17 @@ async fn initiator_groups_follow_the_node_list() {
     assert_nothing_forbidden(cp, OPERATOR_USER);
     for n in [&n2, &n3, &n4] {
         let _ = nodes.delete(n, &DeleteParams::default()).await;
+    }
+    // `--log-format json`: every line the operator wrote is a JSON object.
+    let log = op.proc.log_text();
+    assert!(
+        log.lines().count() > 1,
+        "the operator logged nothing:\n{log}"
+    );
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
     }
     // SIGTERM releases the Lease for the next test's replicas.
     let status = op.proc.terminate(Duration::from_secs(10));
