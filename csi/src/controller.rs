@@ -27,7 +27,6 @@ use ktgt_operator::api::{InitiatorGroup, InitiatorGroupBinding, Target};
 use crate::pools::{Pool, Pools};
 use crate::proto::{self, controller_service_capability, volume_capability};
 use crate::volume::{self, ANNOTATION_INITIATOR, LABEL_MANAGED, LABEL_VOLUME};
-use crate::DRIVER_NAME;
 
 /// Field manager of the driver's server-side applies.
 pub const MANAGER: &str = "ktgt-csi";
@@ -198,7 +197,7 @@ fn api_status(e: kube::Error) -> Status {
 
 /// The access modes a volume of one LUN can serve: on one node at a time (every SINGLE_NODE_*
 /// mode), or read-only on many.
-fn check_capability(cap: &proto::VolumeCapability) -> Result<(), String> {
+pub(crate) fn check_capability(cap: &proto::VolumeCapability) -> Result<(), String> {
     use volume_capability::access_mode::Mode;
     let mode = cap
         .access_mode
@@ -304,11 +303,7 @@ impl proto::identity_server::Identity for ControllerService {
         &self,
         _: Request<proto::GetPluginInfoRequest>,
     ) -> Result<Response<proto::GetPluginInfoResponse>, Status> {
-        Ok(Response::new(proto::GetPluginInfoResponse {
-            name: DRIVER_NAME.to_owned(),
-            vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
-            manifest: Default::default(),
-        }))
+        Ok(Response::new(crate::plugin_info()))
     }
 
     async fn get_plugin_capabilities(

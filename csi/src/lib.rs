@@ -7,6 +7,8 @@
 //! - [`pools`]: where volumes are made: `--pool name=…,node=…,path=…,capacity=…`.
 //! - [`volume`]: the mapping between a CSI volume and its Target (names, labels, the spec).
 //! - [`controller`]: the Identity and Controller services on top of the Kubernetes API.
+//! - [`node`]: the Identity and Node services: iscsiadm login, mkfs, mount on each node.
+//! - [`host`]: what the node service reads (sysfs, mountinfo, blkid) and runs.
 //! - [`endpoint`]: serving on `unix://PATH`, the CSI convention.
 //!
 //! # What a volume is
@@ -20,6 +22,8 @@
 
 pub mod controller;
 pub mod endpoint;
+pub mod host;
+pub mod node;
 pub mod pools;
 pub mod volume;
 
@@ -31,3 +35,12 @@ pub mod proto {
 
 /// The driver's name, as StorageClasses and CSIDriver objects name it.
 pub const DRIVER_NAME: &str = "csi.ktgt.io";
+
+/// GetPluginInfo's answer, the same from both services.
+pub fn plugin_info() -> proto::GetPluginInfoResponse {
+    proto::GetPluginInfoResponse {
+        name: DRIVER_NAME.to_owned(),
+        vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
+        manifest: Default::default(),
+    }
+}

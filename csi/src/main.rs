@@ -1,14 +1,17 @@
 //! `ktgt-csi`: the CSI driver `csi.ktgt.io`. `controller` serves the Identity and Controller
-//! services on `--endpoint unix://PATH`, making volumes as Targets in the pools it is given.
+//! services on `--endpoint unix://PATH`, making volumes as Targets in the pools it is given;
+//! `node` serves the Identity and Node services on every node that mounts volumes.
 
 use std::collections::BTreeMap;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ktgt_csi::controller::ControllerService;
+use ktgt_csi::node::{NodeConfig, NodeService};
 use ktgt_csi::pools::{Pool, Pools};
 use ktgt_csi::proto::controller_server::ControllerServer;
 use ktgt_csi::proto::identity_server::IdentityServer;
+use ktgt_csi::proto::node_server::NodeServer;
 use tracing::info;
 
 #[derive(Parser, Debug)]
@@ -39,6 +42,25 @@ enum Command {
         #[arg(long = "pool", required = true)]
         pools: Vec<String>,
     },
+    /// The Identity and Node services: iscsiadm login, mkfs when blank, mount, on this node.
+    Node {
+        /// The CSI endpoint, unix://PATH.
+        #[arg(long, default_value = "unix:///csi/csi.sock")]
+        endpoint: String,
+        /// This node's Kubernetes name (its topology segment).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// open-iscsi's initiator name file: NodeGetInfo's node id.
+        #[arg(long, default_value = "/etc/iscsi/initiatorname.iscsi")]
+        initiator_name_file: std::path::PathBuf,
+        /// The iscsiadm to run (e.g. a wrapper that enters the host's namespaces).
+        #[arg(long, default_value = "iscsiadm")]
+        iscsiadm: String,
+        /// Seconds the kernel queues I/O while a session reconnects before failing it
+        /// (node.session.timeo.replacement_timeout).
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..=86400))]
+        replacement_timeout: u32,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,7 +80,52 @@ fn main() -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     match cli.command {
         Command::Controller { endpoint, pools } => rt.block_on(controller(endpoint, pools)),
+        Command::Node {
+            endpoint,
+            node_name,
+            initiator_name_file,
+            iscsiadm,
+            replacement_timeout,
+        } => {
+            let mut cfg = NodeConfig::new(&node_name);
+            cfg.initiator_file = initiator_name_file;
+            cfg.iscsiadm = iscsiadm;
+            cfg.replacement_timeout = replacement_timeout;
+            rt.block_on(node(endpoint, cfg))
+        }
     }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        info!("shutting down");
+    })
+}
+
+async fn node(endpoint: String, cfg: NodeConfig) -> anyhow::Result<()> {
+    if cfg.node_name.is_empty() {
+        anyhow::bail!("--node-name (or NODE_NAME) is empty");
+    }
+    let path = ktgt_csi::endpoint::socket_path(&endpoint)?;
+    let service = NodeService::new(cfg);
+    let incoming = ktgt_csi::endpoint::bind(&path)?;
+    info!(endpoint = %endpoint, driver = ktgt_csi::DRIVER_NAME, "serving the CSI node service");
+    let shutdown = shutdown_signal()?;
+    tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(service.clone()))
+        .add_service(NodeServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("serving gRPC")?;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
 }
 
 /// Splits an optional `portal=` field off a `--pool` value.
@@ -102,15 +169,7 @@ async fn controller(endpoint: String, pool_args: Vec<String>) -> anyhow::Result<
     let service = ControllerService::new(client, pools, portals);
     let incoming = ktgt_csi::endpoint::bind(&path)?;
     info!(endpoint = %endpoint, driver = ktgt_csi::DRIVER_NAME, "serving the CSI controller");
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        info!("shutting down");
-    };
+    let shutdown = shutdown_signal()?;
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(service.clone()))
         .add_service(ControllerServer::new(service))

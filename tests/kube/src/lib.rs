@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 pub mod agent;
+pub mod csi;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::Value;
 

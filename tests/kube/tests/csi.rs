@@ -4,77 +4,22 @@
 //! libiscsi: a volume is a Target the agent serves, and publishing it to a node opens it to
 //! that node's initiator name and to no other.
 
-use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
+use ktgt_csi::proto;
 use ktgt_csi::proto::controller_client::ControllerClient;
 use ktgt_csi::proto::identity_client::IdentityClient;
-use ktgt_csi::proto::{self, volume_capability};
 use ktgt_kube_tests::agent::{
     assert_nothing_forbidden, skip_without_libiscsi, Agent, CLIENT, STRANGER,
 };
+use ktgt_kube_tests::csi::{channel, create, mount_cap};
 use ktgt_kube_tests::{ktgt_bin, repo_root, unique, wait_for, ControlPlane, Proc};
 use ktgt_operator::api::Target;
 use kube::Api;
-use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Code;
 
 const CSI_USER: &str = "system:serviceaccount:ktgt-system:ktgt-csi-controller";
-
-async fn channel(socket: std::path::PathBuf) -> Channel {
-    for _ in 0..100 {
-        if socket.exists() {
-            let path = socket.clone();
-            if let Ok(ch) = Endpoint::try_from("http://[::]:50051")
-                .unwrap()
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
-                    }
-                }))
-                .await
-            {
-                return ch;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the CSI endpoint {} never answered", socket.display());
-}
-
-fn mount_cap() -> proto::VolumeCapability {
-    proto::VolumeCapability {
-        access_mode: Some(volume_capability::AccessMode {
-            mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
-        }),
-        access_type: Some(volume_capability::AccessType::Mount(
-            volume_capability::MountVolume {
-                fs_type: "ext4".into(),
-                ..Default::default()
-            },
-        )),
-    }
-}
-
-fn create(name: &str, bytes: i64, params: &[(&str, &str)]) -> proto::CreateVolumeRequest {
-    proto::CreateVolumeRequest {
-        name: name.to_owned(),
-        capacity_range: Some(proto::CapacityRange {
-            required_bytes: bytes,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![mount_cap()],
-        parameters: params
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect::<HashMap<_, _>>(),
-        ..Default::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volumes_are_targets_and_publishing_opens_them_to_one_node() {

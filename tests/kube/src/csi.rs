@@ -1,0 +1,104 @@
+//! gRPC clients of the CSI spec's services (the messages from `ktgt-csi`), and the requests
+//! the CSI tests send.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ktgt_csi::proto::{self, volume_capability};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// A channel to the CSI endpoint at unix socket `socket`, once it answers (10 s).
+pub async fn channel(socket: PathBuf) -> Channel {
+    for _ in 0..100 {
+        if socket.exists() {
+            let path = socket.clone();
+            if let Ok(ch) = Endpoint::try_from("http://[::]:50051")
+                .expect("a static URI")
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
+                }))
+                .await
+            {
+                return ch;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the CSI endpoint {} never answered", socket.display());
+}
+
+/// A channel to `unix://PATH` or `HOST:PORT`.
+pub async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
+    if let Some(path) = endpoint.strip_prefix("unix://") {
+        return Ok(channel(PathBuf::from(path)).await);
+    }
+    Ok(Endpoint::from_shared(format!("http://{endpoint}"))?
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await?)
+}
+
+fn mode(m: volume_capability::access_mode::Mode) -> Option<volume_capability::AccessMode> {
+    Some(volume_capability::AccessMode { mode: m as i32 })
+}
+
+/// SINGLE_NODE_WRITER on a filesystem of type `fs_type`.
+pub fn mount_cap_fs(fs_type: &str) -> proto::VolumeCapability {
+    proto::VolumeCapability {
+        access_mode: mode(volume_capability::access_mode::Mode::SingleNodeWriter),
+        access_type: Some(volume_capability::AccessType::Mount(
+            volume_capability::MountVolume {
+                fs_type: fs_type.into(),
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+/// SINGLE_NODE_WRITER on ext4.
+pub fn mount_cap() -> proto::VolumeCapability {
+    mount_cap_fs("ext4")
+}
+
+/// SINGLE_NODE_WRITER on the raw disk.
+pub fn block_cap() -> proto::VolumeCapability {
+    proto::VolumeCapability {
+        access_mode: mode(volume_capability::access_mode::Mode::SingleNodeWriter),
+        access_type: Some(volume_capability::AccessType::Block(
+            volume_capability::BlockVolume {},
+        )),
+    }
+}
+
+/// CreateVolume of `name` at `bytes` with `cap` and StorageClass parameters `params`.
+pub fn create_with(
+    name: &str,
+    bytes: i64,
+    cap: proto::VolumeCapability,
+    params: &[(&str, &str)],
+) -> proto::CreateVolumeRequest {
+    proto::CreateVolumeRequest {
+        name: name.to_owned(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap],
+        parameters: params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<HashMap<_, _>>(),
+        ..Default::default()
+    }
+}
+
+/// CreateVolume of an ext4 volume.
+pub fn create(name: &str, bytes: i64, params: &[(&str, &str)]) -> proto::CreateVolumeRequest {
+    create_with(name, bytes, mount_cap(), params)
+}
