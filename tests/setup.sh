@@ -8,7 +8,9 @@
 #                  (tests/tools/initiator-vm/build.sh: kernel + initramfs in its out/)
 #   openssl curl   for the Kubernetes control plane of tests/kube/, which it then builds from
 #                  the Go module proxy (tests/kube/build.sh: kube-apiserver, kube-controller-
-#                  manager, kubectl, etcd; cached under target/kube/bin/)
+#                  manager, kubectl, etcd; cached under target/kube/bin/) and the CSI test
+#                  components (tests/kube/build-csi-tools.sh: csi-sanity, csi-provisioner,
+#                  csi-attacher, csi-resizer; cached under target/kube/csi-tools/)
 # Options: --tgt      also tgt (tgtd, tgtadm): the reference target (E2E_TARGET=tgtd, goldens)
 #          --capture  also tcpdump (tests/tools/capture-goldens.sh)
 #          --perf     also iperf3 and time (tests/tools/peer/perf.sh, tests/perf/compare.sh)
@@ -125,6 +127,9 @@ if ((with_kube)); then
   kt0=$(date +%s)
   kbin=$(bash "$here/kube/build.sh" | tail -1) || { echo "setup.sh: tests/kube/build.sh failed" >&2; exit 1; }
   log "Kubernetes control plane: $kbin ($(( $(date +%s) - kt0 )) s)"
+  kt0=$(date +%s)
+  cbin=$(bash "$here/kube/build-csi-tools.sh" | tail -1) || { echo "setup.sh: tests/kube/build-csi-tools.sh failed" >&2; exit 1; }
+  log "CSI test components (csi-sanity, sidecars): $cbin ($(( $(date +%s) - kt0 )) s)"
 fi
 
 log "tools: $(command -v iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-test-cu tgtd tcpdump qemu-system-x86_64 socat 2>/dev/null | tr '\n' ' ')"

@@ -310,13 +310,7 @@ impl proto::identity_server::Identity for ControllerService {
         &self,
         _: Request<proto::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<proto::GetPluginCapabilitiesResponse>, Status> {
-        use proto::plugin_capability::{service, Service, Type};
-        let cap = |t: service::Type| proto::PluginCapability {
-            r#type: Some(Type::Service(Service { r#type: t as i32 })),
-        };
-        Ok(Response::new(proto::GetPluginCapabilitiesResponse {
-            capabilities: vec![cap(service::Type::ControllerService)],
-        }))
+        Ok(Response::new(crate::plugin_capabilities()))
     }
 
     async fn probe(

@@ -44,3 +44,18 @@ pub fn plugin_info() -> proto::GetPluginInfoResponse {
         manifest: Default::default(),
     }
 }
+
+/// GetPluginCapabilities' answer, the same from both services. CSI v1.12, GetPluginCapabilities:
+/// "All instances of the same version of a Plugin SHALL return the same set of capabilities,
+/// regardless of both: (a) where instances are deployed on the cluster as well as; (b) which
+/// RPCs an instance is serving."
+pub fn plugin_capabilities() -> proto::GetPluginCapabilitiesResponse {
+    use proto::plugin_capability::{service, Service, Type};
+    proto::GetPluginCapabilitiesResponse {
+        capabilities: vec![proto::PluginCapability {
+            r#type: Some(Type::Service(Service {
+                r#type: service::Type::ControllerService as i32,
+            })),
+        }],
+    }
+}

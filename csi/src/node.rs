@@ -149,14 +149,17 @@ enum Access {
     Mount { fs_type: String, flags: Vec<String> },
 }
 
-fn access_of(cap: Option<&proto::VolumeCapability>) -> Result<(Access, bool), Status> {
+/// The capability's kind, and whether it is reader-only and single-writer (SINGLE_NODE_SINGLE_WRITER).
+fn access_of(cap: Option<&proto::VolumeCapability>) -> Result<(Access, bool, bool), Status> {
     let cap = cap.ok_or_else(|| Status::invalid_argument("volume_capability missing"))?;
     crate::controller::check_capability(cap).map_err(Status::invalid_argument)?;
     use volume_capability::access_mode::Mode;
+    let mode = cap.access_mode.as_ref().map(|m| m.mode());
     let reader_only = matches!(
-        cap.access_mode.as_ref().map(|m| m.mode()),
+        mode,
         Some(Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly)
     );
+    let single_writer = mode == Some(Mode::SingleNodeSingleWriter);
     let access = match &cap.access_type {
         Some(volume_capability::AccessType::Block(_)) => Access::Block,
         Some(volume_capability::AccessType::Mount(m)) => Access::Mount {
@@ -173,7 +176,7 @@ fn access_of(cap: Option<&proto::VolumeCapability>) -> Result<(Access, bool), St
             ))
         }
     };
-    Ok((access, reader_only))
+    Ok((access, reader_only, single_writer))
 }
 
 fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
@@ -716,9 +719,7 @@ impl proto::identity_server::Identity for NodeService {
         &self,
         _: Request<proto::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<proto::GetPluginCapabilitiesResponse>, Status> {
-        Ok(Response::new(proto::GetPluginCapabilitiesResponse {
-            capabilities: Vec::new(),
-        }))
+        Ok(Response::new(crate::plugin_capabilities()))
     }
 
     async fn probe(
@@ -746,7 +747,7 @@ impl proto::node_server::Node for NodeService {
         let req = request.into_inner();
         let id = required(&req.volume_id, "volume_id")?;
         let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
-        let (access, reader_only) = access_of(req.volume_capability.as_ref())?;
+        let (access, reader_only, _) = access_of(req.volume_capability.as_ref())?;
         let ctx: BTreeMap<String, String> = req.publish_context.into_iter().collect();
         let addr = address_of(id, &ctx)?;
         let chap = chap_settings(&req.secrets.into_iter().collect())?;
@@ -821,7 +822,7 @@ impl proto::node_server::Node for NodeService {
         let id = required(&req.volume_id, "volume_id")?;
         let target = PathBuf::from(required(&req.target_path, "target_path")?);
         let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
-        let (access, reader_only) = access_of(req.volume_capability.as_ref())?;
+        let (access, reader_only, single_writer) = access_of(req.volume_capability.as_ref())?;
         let iqn = iqn_of(id)?;
         let read_only = req.readonly || reader_only;
         let _busy = self.claim(id)?;
@@ -829,6 +830,23 @@ impl proto::node_server::Node for NodeService {
             Status::failed_precondition(format!("volume {id} is not staged on this node"))
         })?;
         let mounts = self.mounts()?;
+        // CSI v1.12, NodePublishVolume: for SINGLE_NODE_SINGLE_WRITER "the SP SHALL fail with
+        // FAILED_PRECONDITION if the volume is already published at a different target path".
+        if single_writer {
+            let dev = (disk.major, disk.minor);
+            let elsewhere = mounts.iter().find(|m| {
+                m.mount_point != target
+                    && m.mount_point != staging
+                    && ((m.major, m.minor) == dev
+                        || (m.fstype == "devtmpfs" && rdev_of(&m.mount_point) == Some(dev)))
+            });
+            if let Some(m) = elsewhere {
+                return Err(Status::failed_precondition(format!(
+                    "volume {id} is SINGLE_NODE_SINGLE_WRITER and already published at {}",
+                    m.mount_point.display()
+                )));
+            }
+        }
         match access {
             Access::Mount { .. } => {
                 let staged = host::mount_at(&mounts, &staging)

@@ -171,9 +171,10 @@ async fn the_node_service_stages_and_publishes_on_a_real_initiator_and_passes_cs
     }
     assert!(
         out.status.success(),
-        "the guest failed:\n{}\n{}\ncontroller:\n{}\nagent:\n{}",
+        "the guest failed:\n{}\n{}{}\ncontroller:\n{}\nagent:\n{}",
         itest.join("\n"),
         String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
         csi.log_tail(30),
         agent.proc.log_tail(30)
     );
