@@ -35,6 +35,34 @@ fn kubectl_apply_k_deploy_is_accepted_whole() {
 }
 
 #[test]
+fn deploy_csi_is_accepted_whole() {
+    let cp = ControlPlane::shared();
+    cp.install_deploy();
+    // The CSI driver's kustomization on its own, as docs/csi.md applies it, and the example
+    // StorageClass it does not include.
+    let csi = repo_root().join("deploy/csi");
+    let (ok, out, err) = cp.kubectl(&["apply", "-k", csi.to_str().unwrap()]);
+    assert!(ok, "kubectl apply -k deploy/csi/ failed: {out}{err}");
+    for (kind, name, ns) in [
+        ("csidriver", "csi.ktgt.io", None),
+        ("deployment", "ktgt-csi-controller", Some("ktgt-system")),
+        ("daemonset", "ktgt-csi-node", Some("ktgt-system")),
+        ("clusterrole", "ktgt-csi-provisioner", None),
+        ("clusterrole", "ktgt-csi-attacher", None),
+    ] {
+        let mut args = vec!["get", kind, name];
+        if let Some(ns) = ns {
+            args.extend(["-n", ns]);
+        }
+        let (ok, _, err) = cp.kubectl(&args);
+        assert!(ok, "{kind} {name} missing after apply: {err}");
+    }
+    let sc = csi.join("storageclass.yaml");
+    let (ok, out, err) = cp.kubectl(&["apply", "--dry-run=server", "-f", sc.to_str().unwrap()]);
+    assert!(ok, "{} rejected: {out}{err}", sc.display());
+}
+
+#[test]
 fn every_example_is_accepted() {
     let cp = ControlPlane::shared();
     cp.install_deploy();

@@ -1,0 +1,312 @@
+//! The whole dynamic-provisioning chain on a real control plane: kube-apiserver and
+//! kube-controller-manager (PV binding, attach/detach), the upstream external-provisioner and
+//! external-attacher (built from the module proxy by tests/kube/build-csi-tools.sh) in front of
+//! `ktgt-csi controller`, and `ktgt-agent kubernetes` serving the volumes. There is no kubelet
+//! or scheduler: the test writes what they would (a Node marked for controller-managed attach,
+//! its CSINode with the driver's node id as node-driver-registrar would, a Pod's nodeName, a
+//! WaitForFirstConsumer claim's selected node). Every component runs with the RBAC of
+//! `deploy/csi/`, and the audit log must show none of their requests refused.
+
+use std::process::Command;
+use std::time::Duration;
+
+use ktgt_kube_tests::agent::{
+    assert_nothing_forbidden, skip_without_libiscsi, Agent, CLIENT, STRANGER,
+};
+use ktgt_kube_tests::{ktgt_bin, repo_root, unique, wait_for, ControlPlane, Proc};
+
+const CSI_USER: &str = "system:serviceaccount:ktgt-system:ktgt-csi-controller";
+
+fn sidecar(env: &str) -> Option<std::path::PathBuf> {
+    let p = std::env::var_os(env).map(std::path::PathBuf::from);
+    if p.is_none() {
+        assert!(
+            std::env::var_os("KTGT_REQUIRE_TOOLS").is_none_or(|v| v != "1"),
+            "{env} is not set (tests/kube/run.sh builds the sidecars)"
+        );
+    }
+    p
+}
+
+fn jsonpath(cp: &ControlPlane, args: &[&str], path: &str) -> String {
+    let jp = format!("jsonpath={path}");
+    let mut a = args.to_vec();
+    a.extend(["-o", &jp]);
+    let (_, out, _) = cp.kubectl(&a);
+    out.trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_becomes_a_target_that_a_pod_attaches_to_its_node_only() {
+    if skip_without_libiscsi("csi_chain") {
+        return;
+    }
+    let (Some(provisioner), Some(attacher)) = (
+        sidecar("KTGT_CSI_PROVISIONER"),
+        sidecar("KTGT_CSI_ATTACHER"),
+    ) else {
+        eprintln!("csi_chain: skipped, the sidecars are not built");
+        return;
+    };
+    let cp = ControlPlane::shared_with_controller_manager();
+    cp.install_deploy();
+    for f in [
+        "csidriver.yaml",
+        "controller-rbac.yaml",
+        "sidecar-rbac.yaml",
+    ] {
+        cp.apply_file(&repo_root().join("deploy/csi").join(f));
+    }
+    let agent = Agent::start_with(
+        cp,
+        "csi-chain",
+        "ktgt-agent",
+        &["--csi-volume-dir", "{dir}/pool"],
+    );
+    let pool_dir = agent.dir.join("pool");
+    std::fs::create_dir_all(&pool_dir).unwrap();
+    let socket = agent.dir.join("csi.sock");
+    let kubeconfig = cp.service_account_kubeconfig("ktgt-system", "ktgt-csi-controller");
+    let mut cmd = Command::new(ktgt_bin("ktgt-csi"));
+    cmd.env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info,kube=warn")
+        .args([
+            "controller",
+            "--endpoint",
+            &format!("unix://{}", socket.display()),
+        ])
+        .arg("--pool")
+        .arg(format!(
+            "name=chain,node={},path={},capacity=1Gi,portal={}",
+            agent.node,
+            pool_dir.display(),
+            agent.portal
+        ));
+    let csi = Proc::spawn(cmd, &agent.dir.join("csi.log"));
+    wait_for(
+        "the controller's socket",
+        Duration::from_secs(20),
+        || async { socket.exists().then_some(()) },
+        || csi.log_tail(20),
+    )
+    .await;
+    // The sidecars as deploy/csi/controller.yaml runs them (leader election included).
+    let address = format!("--csi-address={}", socket.display());
+    let kc = format!("--kubeconfig={}", kubeconfig.display());
+    let common = [
+        kc.as_str(),
+        address.as_str(),
+        "--timeout=60s",
+        "--leader-election",
+        "--leader-election-namespace=ktgt-system",
+    ];
+    let mut p = Command::new(&provisioner);
+    p.args(common).arg("--extra-create-metadata");
+    let provisioner = Proc::spawn(p, &agent.dir.join("provisioner.log"));
+    let mut a = Command::new(&attacher);
+    a.args(common);
+    let attacher = Proc::spawn(a, &agent.dir.join("attacher.log"));
+    let logs = || {
+        format!(
+            "provisioner:\n{}\nattacher:\n{}\ncontroller:\n{}\nagent:\n{}\nkcm:\n{}",
+            provisioner.log_tail(15),
+            attacher.log_tail(15),
+            csi.log_tail(15),
+            agent.proc.log_tail(15),
+            std::fs::read_to_string(cp.dir().join("kube-controller-manager.log"))
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    };
+
+    // Two nodes that mount, as kubelet and node-driver-registrar would register them: each
+    // Node marked for controller-managed attach/detach, each CSINode naming the initiator
+    // name that NodeGetInfo reports there.
+    let ns = unique("csi-chain");
+    let (worker, other) = (unique("worker"), unique("other"));
+    let sc = unique("ktgt");
+    let wffc = unique("ktgt-wffc");
+    let mut objects = String::new();
+    for (node, iqn) in [(&worker, CLIENT), (&other, STRANGER)] {
+        objects.push_str(&format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n  annotations:\n    \
+             volumes.kubernetes.io/controller-managed-attach-detach: \"true\"\n---\n\
+             apiVersion: storage.k8s.io/v1\nkind: CSINode\nmetadata:\n  name: {node}\nspec:\n  drivers:\n  \
+             - name: csi.ktgt.io\n    nodeID: {iqn}\n    topologyKeys: [topology.csi.ktgt.io/node]\n---\n"
+        ));
+    }
+    objects.push_str(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n---\n\
+         apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: {sc}\nprovisioner: csi.ktgt.io\n\
+         parameters: {{pool: chain, csi.storage.k8s.io/fstype: ext4}}\nreclaimPolicy: Delete\nvolumeBindingMode: Immediate\n---\n\
+         apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: {wffc}\nprovisioner: csi.ktgt.io\n\
+         reclaimPolicy: Delete\nvolumeBindingMode: WaitForFirstConsumer\n---\n"
+    ));
+    for (name, class) in [("data", &sc), ("late", &wffc)] {
+        objects.push_str(&format!(
+            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\n  namespace: {ns}\n\
+             spec:\n  accessModes: [ReadWriteOnce]\n  storageClassName: {class}\n  resources:\n    requests:\n      storage: 16Mi\n---\n"
+        ));
+    }
+    cp.apply_yaml(&objects);
+
+    // Immediate: the claim is bound to a PV whose volume is a Target the agent serves.
+    let pvc = |name: &str, path: &str| jsonpath(cp, &["get", "pvc", name, "-n", &ns], path);
+    wait_for(
+        "the Immediate claim Bound",
+        Duration::from_secs(90),
+        || async { (pvc("data", "{.status.phase}") == "Bound").then_some(()) },
+        logs,
+    )
+    .await;
+    let pv = pvc("data", "{.spec.volumeName}");
+    let handle = jsonpath(cp, &["get", "pv", &pv], "{.spec.csi.volumeHandle}");
+    let iqn = jsonpath(cp, &["get", "target", &handle], "{.spec.iqn}");
+    assert!(
+        iqn.starts_with("iqn.2026-11.io.ktgt.csi:"),
+        "{iqn}\n{}",
+        logs()
+    );
+    assert_eq!(
+        jsonpath(cp, &["get", "pv", &pv], "{.spec.capacity.storage}"),
+        "16Mi"
+    );
+    let file = pool_dir.join(format!("{handle}.img"));
+    wait_for(
+        "the volume's file",
+        Duration::from_secs(30),
+        || async { (std::fs::metadata(&file).ok()?.len() == 16 << 20).then_some(()) },
+        logs,
+    )
+    .await;
+    // Not attached anywhere yet: nobody logs in.
+    assert!(!agent.can_log_in(CLIENT, &iqn));
+
+    // A Pod on the worker: the attach/detach controller writes a VolumeAttachment, the
+    // attacher publishes, and the worker's initiator, and no other, logs in.
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: app\n  namespace: {ns}\nspec:\n  nodeName: {worker}\n  \
+         automountServiceAccountToken: false\n  containers:\n  - name: app\n    image: busybox\n    \
+         volumeMounts: [{{name: data, mountPath: /data}}]\n  volumes:\n  - name: data\n    \
+         persistentVolumeClaim: {{claimName: data}}\n"
+    );
+    // The namespace's default ServiceAccount comes from the controller manager; until then
+    // admission refuses the Pod.
+    wait_for(
+        "the Pod admitted",
+        Duration::from_secs(60),
+        || async {
+            cp.kubectl_stdin(&["apply", "-f", "-"], &pod)
+                .0
+                .then_some(())
+        },
+        logs,
+    )
+    .await;
+    let attached = || {
+        jsonpath(
+            cp,
+            &["get", "volumeattachments"],
+            &format!("{{.items[?(@.spec.source.persistentVolumeName==\"{pv}\")].status.attached}}"),
+        )
+    };
+    wait_for(
+        "the VolumeAttachment attached",
+        Duration::from_secs(90),
+        || async { (attached() == "true").then_some(()) },
+        logs,
+    )
+    .await;
+    let va_node = jsonpath(
+        cp,
+        &["get", "volumeattachments"],
+        &format!("{{.items[?(@.spec.source.persistentVolumeName==\"{pv}\")].spec.nodeName}}"),
+    );
+    assert_eq!(va_node, worker);
+    agent
+        .wait_login(CLIENT, &iqn, true, "the worker's initiator logs in")
+        .await;
+    assert!(
+        !agent.can_log_in(STRANGER, &iqn),
+        "another node's initiator logged in"
+    );
+
+    // The Pod goes: the volume is detached and the worker's session logged out.
+    let url = agent.url(&iqn, 0);
+    agent
+        .expect_revoked(
+            CLIENT,
+            &iqn,
+            &url,
+            async {
+                let (ok, out, err) = cp.kubectl(&[
+                    "delete",
+                    "pod",
+                    "app",
+                    "-n",
+                    &ns,
+                    "--grace-period=0",
+                    "--force",
+                ]);
+                assert!(ok, "{out}{err}");
+            },
+            "the Pod deleted",
+        )
+        .await;
+    wait_for(
+        "the VolumeAttachment gone",
+        Duration::from_secs(60),
+        || async { attached().is_empty().then_some(()) },
+        logs,
+    )
+    .await;
+
+    // WaitForFirstConsumer: nothing is made until a node is chosen (the scheduler's
+    // annotation), then the claim binds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(pvc("late", "{.status.phase}"), "Pending");
+    assert_eq!(pvc("late", "{.spec.volumeName}"), "");
+    let (ok, out, err) = cp.kubectl(&[
+        "annotate",
+        "pvc",
+        "late",
+        "-n",
+        &ns,
+        &format!("volume.kubernetes.io/selected-node={worker}"),
+    ]);
+    assert!(ok, "{out}{err}");
+    wait_for(
+        "the WaitForFirstConsumer claim Bound once a node is selected",
+        Duration::from_secs(90),
+        || async { (pvc("late", "{.status.phase}") == "Bound").then_some(()) },
+        logs,
+    )
+    .await;
+    let late_handle = jsonpath(
+        cp,
+        &["get", "pv", &pvc("late", "{.spec.volumeName}")],
+        "{.spec.csi.volumeHandle}",
+    );
+
+    // Deleting the claims deletes the PVs, the Targets and their files.
+    let (ok, out, err) = cp.kubectl(&["delete", "pvc", "--all", "-n", &ns, "--wait=false"]);
+    assert!(ok, "{out}{err}");
+    wait_for(
+        "the PVs, Targets and files gone",
+        Duration::from_secs(90),
+        || async {
+            let (_, pvs, _) = cp.kubectl(&["get", "pv", "-o", "name"]);
+            let gone = |h: &str| {
+                !cp.kubectl(&["get", "target", h]).0 && !pool_dir.join(format!("{h}.img")).exists()
+            };
+            (!pvs.contains(&pv) && gone(&handle) && gone(&late_handle)).then_some(())
+        },
+        logs,
+    )
+    .await;
+    assert_nothing_forbidden(cp, CSI_USER);
+}
