@@ -708,6 +708,7 @@ impl proto::controller_server::Controller for ControllerService {
             rpc::Type::ListVolumesPublishedNodes,
             rpc::Type::GetCapacity,
             rpc::Type::GetVolume,
+            rpc::Type::ExpandVolume,
         ]
         .into_iter()
         .map(|t| proto::ControllerServiceCapability {
@@ -776,11 +777,54 @@ impl proto::controller_server::Controller for ControllerService {
 
     async fn controller_expand_volume(
         &self,
-        _: Request<proto::ControllerExpandVolumeRequest>,
+        request: Request<proto::ControllerExpandVolumeRequest>,
     ) -> Result<Response<proto::ControllerExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "expansion is not supported yet (no EXPAND_VOLUME capability: LUNs do not grow online)",
-        ))
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id missing"));
+        }
+        if req.capacity_range.is_none() {
+            return Err(Status::invalid_argument("capacity_range missing"));
+        }
+        if let Some(cap) = &req.volume_capability {
+            check_capability(cap).map_err(Status::invalid_argument)?;
+        }
+        let t = self.volume(&req.volume_id).await?;
+        let have = volume::capacity(&t)
+            .ok_or_else(|| Status::internal(format!("volume {} records no size", req.volume_id)))?;
+        let want = size_for(req.capacity_range.as_ref())?;
+        // CSI v1.12, ControllerExpandVolume: a volume already at or above the requested size
+        // succeeds with its size (idempotent; a LUN never shrinks).
+        if want > have {
+            let pool_name = volume::pool_of(&t).unwrap_or_default();
+            if let Some(pool) = self.pools.get(pool_name) {
+                let free = Self::free_bytes(pool, &self.volumes().await?);
+                if free < want - have {
+                    return Err(Status::resource_exhausted(format!(
+                        "pool {pool_name} has {free} bytes free, growing {} from {have} to {want} bytes needs {}",
+                        req.volume_id,
+                        want - have
+                    )));
+                }
+            }
+            let patch = volume::resize_patch(&t, want).ok_or_else(|| {
+                Status::internal(format!("volume {} has no LUN 0", req.volume_id))
+            })?;
+            self.targets()
+                .patch(
+                    &req.volume_id,
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map_err(api_status)?;
+            info!(volume_id = %req.volume_id, from = have, to = want, "volume expanded");
+        }
+        Ok(Response::new(proto::ControllerExpandVolumeResponse {
+            capacity_bytes: want.max(have) as i64,
+            // The node rescans the disk (and grows a filesystem) once the LUN has grown.
+            node_expansion_required: true,
+        }))
     }
 
     async fn controller_modify_volume(

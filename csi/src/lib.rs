@@ -50,12 +50,20 @@ pub fn plugin_info() -> proto::GetPluginInfoResponse {
 /// regardless of both: (a) where instances are deployed on the cluster as well as; (b) which
 /// RPCs an instance is serving."
 pub fn plugin_capabilities() -> proto::GetPluginCapabilitiesResponse {
-    use proto::plugin_capability::{service, Service, Type};
+    use proto::plugin_capability::{service, volume_expansion, Service, Type, VolumeExpansion};
     proto::GetPluginCapabilitiesResponse {
-        capabilities: vec![proto::PluginCapability {
-            r#type: Some(Type::Service(Service {
-                r#type: service::Type::ControllerService as i32,
-            })),
-        }],
+        capabilities: vec![
+            proto::PluginCapability {
+                r#type: Some(Type::Service(Service {
+                    r#type: service::Type::ControllerService as i32,
+                })),
+            },
+            // LUNs grow live, under a mounted filesystem and a running session.
+            proto::PluginCapability {
+                r#type: Some(Type::VolumeExpansion(VolumeExpansion {
+                    r#type: volume_expansion::Type::Online as i32,
+                })),
+            },
+        ],
     }
 }

@@ -26,6 +26,9 @@
 //!   onto a file) at the target path, read-only when asked (for a block volume the disk is
 //!   also set read-only, `blockdev --setro`: a read-only mount does not stop writes through a
 //!   device node); **NodeUnpublishVolume** unmounts it and removes the target path.
+//! - **NodeExpandVolume** rescans the disk (the target raised CAPACITY DATA HAS CHANGED when
+//!   its LUN grew), waits for the requested size, and grows a mounted filesystem online
+//!   (`resize2fs`, `xfs_growfs`); a block volume needs only the rescan.
 //! - **NodeGetVolumeStats**: bytes and inodes of a mounted volume (statvfs), bytes of a block
 //!   volume, and the volume's condition (abnormal while its session is in recovery or gone);
 //!   NOT_FOUND when the path is not this volume's.
@@ -1006,11 +1009,85 @@ impl proto::node_server::Node for NodeService {
 
     async fn node_expand_volume(
         &self,
-        _: Request<proto::NodeExpandVolumeRequest>,
+        request: Request<proto::NodeExpandVolumeRequest>,
     ) -> Result<Response<proto::NodeExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "NodeExpandVolume: LUNs do not grow online yet, so expansion is not offered",
-        ))
+        let req = request.into_inner();
+        let id = required(&req.volume_id, "volume_id")?;
+        let path = PathBuf::from(required(&req.volume_path, "volume_path")?);
+        let iqn = iqn_of(id)?;
+        if let Some(cap) = &req.volume_capability {
+            crate::controller::check_capability(cap).map_err(Status::invalid_argument)?;
+        }
+        let want = req
+            .capacity_range
+            .as_ref()
+            .map_or(0, |r| r.required_bytes.max(0) as u64);
+        let _busy = self.claim(id)?;
+        let not_here = || {
+            Status::not_found(format!(
+                "{} is not a path of volume {id} on this node",
+                path.display()
+            ))
+        };
+        let disk = self.disk_of(&iqn).ok_or_else(not_here)?;
+        let dev = (disk.major, disk.minor);
+        // The target reported CAPACITY DATA HAS CHANGED; the kernel reads the new capacity
+        // when the SCSI device is rescanned.
+        let rescan = self
+            .cfg
+            .sysfs
+            .join("class/block")
+            .join(&disk.name)
+            .join("device/rescan");
+        std::fs::write(&rescan, "1").map_err(|e| io_status("writing", &rescan, e))?;
+        let deadline = tokio::time::Instant::now() + self.cfg.device_wait;
+        let size = loop {
+            let size = host::block_size_bytes(&self.cfg.sysfs, dev.0, dev.1).unwrap_or(disk.size);
+            if size >= want {
+                break size;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::unavailable(format!(
+                    "{} is {size} bytes after a rescan, {want} asked: has the volume grown \
+                     (ControllerExpandVolume)?",
+                    disk.dev().display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mounts = self.mounts()?;
+        match host::mount_at(&mounts, &path) {
+            Some(m) if (m.major, m.minor) == dev => {
+                let dev_s = disk.dev().to_string_lossy().into_owned();
+                let path_s = path.to_string_lossy().into_owned();
+                // Both grow a mounted filesystem online.
+                let cmd = match m.fstype.as_str() {
+                    "ext4" | "ext3" | "ext2" => Cmd::new("resize2fs", &[&dev_s]),
+                    "xfs" => Cmd::new("xfs_growfs", &[&path_s]),
+                    other => {
+                        return Err(Status::failed_precondition(format!(
+                            "cannot grow a {other} filesystem (ext4 and xfs can be grown)"
+                        )))
+                    }
+                };
+                let out = host::run(&cmd).await.map_err(run_status)?;
+                if !out.ok() {
+                    return Err(Status::internal(format!(
+                        "{} failed: {}",
+                        cmd.display(),
+                        out.tail()
+                    )));
+                }
+                info!(volume = id, bytes = size, fs = %m.fstype, "filesystem grown");
+            }
+            Some(m) if m.fstype == "devtmpfs" && rdev_of(&path) == Some(dev) => {
+                info!(volume = id, bytes = size, "block volume grown");
+            }
+            _ => return Err(not_here()),
+        }
+        Ok(Response::new(proto::NodeExpandVolumeResponse {
+            capacity_bytes: size as i64,
+        }))
     }
 
     async fn node_get_capabilities(
@@ -1021,6 +1098,7 @@ impl proto::node_server::Node for NodeService {
         let capabilities = [
             Type::StageUnstageVolume,
             Type::GetVolumeStats,
+            Type::ExpandVolume,
             Type::VolumeCondition,
             Type::SingleNodeMultiWriter,
         ]

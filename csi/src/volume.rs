@@ -99,7 +99,19 @@ pub fn target(name: &str, pool: &Pool, bytes: u64, block_size: Option<u32>) -> T
     t
 }
 
-/// The size a volume Target was created with.
+/// The merge patch that grows volume Target `t` to `bytes`: LUN 0's size and the recorded
+/// capacity (the agent grows the file and the LUN in place). `None` if `t` has no LUN 0.
+pub fn resize_patch(t: &Target, bytes: u64) -> Option<serde_json::Value> {
+    let mut luns = t.spec.luns.clone();
+    let lun = luns.iter_mut().find(|l| l.lun == LUN)?;
+    lun.size = Some(Quantity(bytes.to_string()));
+    Some(serde_json::json!({
+        "metadata": {"annotations": {ANNOTATION_CAPACITY: bytes.to_string()}},
+        "spec": {"luns": luns},
+    }))
+}
+
+/// The size a volume Target was created with (or grown to).
 pub fn capacity(t: &Target) -> Option<u64> {
     t.metadata
         .annotations
@@ -221,6 +233,23 @@ mod tests {
         };
         rest.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.:".contains(&b))
+    }
+
+    #[test]
+    fn a_resize_patch_changes_only_the_size() {
+        let t = target("pvc-1", &pool(), 1 << 30, Some(4096));
+        let p = resize_patch(&t, 2 << 30).unwrap();
+        assert_eq!(
+            p["metadata"]["annotations"][ANNOTATION_CAPACITY],
+            "2147483648"
+        );
+        let lun = &p["spec"]["luns"][0];
+        assert_eq!(lun["size"], "2147483648");
+        assert_eq!(lun["blockSize"], 4096);
+        assert_eq!(
+            lun["backingStore"],
+            t.spec.luns[0].backing_store.clone().unwrap()
+        );
     }
 
     #[test]

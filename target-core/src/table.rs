@@ -143,6 +143,19 @@ pub struct ApplyReport {
     pub sessions_ended: usize,
     /// Per target IQN, the LUNs that could not be opened (the rest of the target is served).
     pub errors: BTreeMap<String, Vec<LunError>>,
+    /// LUNs grown in place: (target IQN, LUN, bytes now served).
+    pub resized_luns: Vec<(String, u16, u64)>,
+}
+
+/// Whether two configurations of a LUN differ in nothing but the size to create a file at
+/// (the one change served in place, by growing the file).
+fn same_but_size(a: &LunConfig, b: &LunConfig) -> bool {
+    a.create_size.is_some()
+        && b.create_size.is_some()
+        && LunConfig {
+            create_size: b.create_size,
+            ..a.clone()
+        } == *b
 }
 
 impl ApplyReport {
@@ -153,6 +166,9 @@ impl ApplyReport {
         }
         for iqn in &self.changed_targets {
             tracing::info!(target_iqn = %iqn, "target changed");
+        }
+        for (iqn, lun, bytes) in &self.resized_luns {
+            tracing::info!(target_iqn = %iqn, lun, bytes, "LUN grown");
         }
         for iqn in &self.removed_targets {
             tracing::info!(target_iqn = %iqn, "target removed");
@@ -332,23 +348,43 @@ impl TargetTable {
         let mut report = ApplyReport::default();
         let current = self.targets();
 
-        // Open new or changed LUNs first, outside any lock.
+        // Open new or changed LUNs first, outside any lock. A LUN whose configuration changed
+        // only in its size is grown in place (its sessions, reservations and unit attentions
+        // stay); an unchanged one is grown to what its file or block device now holds.
         let mut opened: BTreeMap<(String, u16), Arc<LogicalUnit>> = BTreeMap::new();
+        let mut resized: BTreeMap<(String, u16), bool> = BTreeMap::new();
         for (iqn, tc) in &desired.targets {
             let existing = current.iter().find(|t| &t.iqn == iqn);
             for (n, lc) in &tc.luns {
-                let unchanged = existing
-                    .map(|t| {
-                        t.state
-                            .read()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .lun_configs
-                            .get(n)
-                            == Some(lc)
-                    })
-                    .unwrap_or(false);
-                if unchanged {
-                    continue;
+                let live = existing.and_then(|t| {
+                    let st = t.state.read().unwrap_or_else(|e| e.into_inner());
+                    Some((st.lun_configs.get(n)?.clone(), st.luns.get(n)?.clone()))
+                });
+                if let Some((old, lu)) = live {
+                    if old == *lc || same_but_size(&old, lc) {
+                        let want = (old != *lc).then_some(lc.create_size).flatten();
+                        match lu.grow(want) {
+                            Ok(grown) => {
+                                if let Some(bytes) = grown {
+                                    report.resized_luns.push((iqn.clone(), *n, bytes));
+                                }
+                                if old != *lc {
+                                    resized.insert((iqn.clone(), *n), true);
+                                }
+                            }
+                            Err(error) => {
+                                if old != *lc {
+                                    resized.insert((iqn.clone(), *n), false);
+                                }
+                                report
+                                    .errors
+                                    .entry(iqn.clone())
+                                    .or_default()
+                                    .push(LunError { lun: *n, error });
+                            }
+                        }
+                        continue;
+                    }
                 }
                 match self.open_lun(iqn, lc).await {
                     Ok(lu) => {
@@ -412,6 +448,19 @@ impl TargetTable {
                         let sessions = t.sessions();
                         let old_numbers: Vec<u16> = st.luns.keys().copied().collect();
                         for n in old_numbers {
+                            // Grown in place: the new size is the configuration now (a refused
+                            // shrink keeps the old one, and is reported again next time).
+                            match resized.get(&(iqn.clone(), n)) {
+                                Some(true) => {
+                                    if let Some(lc) = tc.luns.get(&n) {
+                                        st.lun_configs.insert(n, lc.clone());
+                                    }
+                                    changed = true;
+                                    continue;
+                                }
+                                Some(false) => continue,
+                                None => {}
+                            }
                             let keep = tc.luns.get(&n) == st.lun_configs.get(&n);
                             if !keep {
                                 st.luns.remove(&n);

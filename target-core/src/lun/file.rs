@@ -54,7 +54,8 @@ pub(crate) fn zero_chunk() -> Bytes {
 pub(crate) struct FileShared {
     pub(crate) file: File,
     pub(crate) path: PathBuf,
-    pub(crate) size: u64,
+    /// Bytes served; grows (never shrinks) with [`FileShared::grow`].
+    size: AtomicU64,
     pub(crate) block_size: u32,
     pub(crate) direct: bool,
     pub(crate) read_only: bool,
@@ -159,7 +160,7 @@ impl FileShared {
         Ok(FileShared {
             file,
             path: path.clone(),
-            size,
+            size: AtomicU64::new(size),
             block_size: bs,
             direct: cfg.direct,
             read_only: cfg.read_only,
@@ -170,6 +171,53 @@ impl FileShared {
             nowait_write: AtomicBool::new(!cfg.direct && !cfg.read_only),
             inline_paused_until: AtomicU64::new(0),
         })
+    }
+
+    /// Bytes served.
+    pub(crate) fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grows what is served: a regular file is extended (sparse) to `want` bytes when that is
+    /// more than its length, then what the file or block device now holds, in whole blocks,
+    /// is served. Returns the size served. Never shrinks: a `want` below the size served, or
+    /// a file or device that got smaller, is refused and the size served is kept.
+    pub(crate) fn grow(&self, want: Option<u64>) -> Result<u64, BackendError> {
+        let served = self.size();
+        let invalid = |reason: String| BackendError::Invalid {
+            path: self.path.clone(),
+            reason,
+        };
+        if let Some(w) = want.filter(|w| *w < served) {
+            return Err(invalid(format!(
+                "size {w} is below the {served} bytes served: shrinking a LUN is refused"
+            )));
+        }
+        let io = |source| BackendError::Open {
+            path: self.path.clone(),
+            source,
+        };
+        let now = if self.block_device {
+            // A block device's size is its end (an LV or zvol grown outside).
+            (&self.file).seek(SeekFrom::End(0)).map_err(io)?
+        } else {
+            let len = self.file.metadata().map_err(io)?.len();
+            match want {
+                Some(w) if w > len && !self.read_only => {
+                    self.file.set_len(w).map_err(io)?;
+                    w
+                }
+                _ => len,
+            }
+        };
+        let now = now - now % u64::from(self.block_size);
+        if now < served {
+            return Err(invalid(format!(
+                "now holds {now} bytes, fewer than the {served} served: shrinking is refused"
+            )));
+        }
+        self.size.store(now, Ordering::Release);
+        Ok(now)
     }
 
     /// Memory alignment for O_DIRECT buffers, or `None` for buffered I/O.
@@ -183,7 +231,7 @@ impl FileShared {
         if write && self.read_only {
             return Err(BackendError::ReadOnly);
         }
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         let align = u64::from(self.block_size);
         if self.direct && !(aligned_to(offset, align) && aligned_to(len, align)) {
             return Err(BackendError::Misaligned { offset, len, align });
@@ -375,7 +423,7 @@ impl FileStore {
     }
 
     pub fn size(&self) -> u64 {
-        self.shared.size
+        self.shared.size()
     }
 
     pub fn path(&self) -> &Path {

@@ -179,7 +179,7 @@ impl Store {
         } else {
             Store::ThreadPool(FileStore::new(shared.clone()))
         };
-        tracing::info!(path = %cfg.path.display(), size = shared.size,
+        tracing::info!(path = %cfg.path.display(), size = shared.size(),
             block_device = shared.block_device, direct = shared.direct,
             read_only = shared.read_only, engine = store.kind(), "opened LUN store");
         Ok(store)
@@ -213,6 +213,26 @@ impl Store {
             Store::Memory(m) => m.size(),
             Store::ThreadPool(f) => f.size(),
             Store::Uring(u) => u.size(),
+        }
+    }
+
+    /// Grows the store to serve `want` bytes (a file is extended sparse), or to what its file
+    /// or block device now holds; returns the size served. Never shrinks (see
+    /// [`file::FileShared::grow`]); a memory store cannot grow.
+    pub fn grow(&self, want: Option<u64>) -> Result<u64, BackendError> {
+        match self {
+            Store::Memory(m) => match want {
+                Some(w) if w != m.size() => Err(BackendError::Invalid {
+                    path: "<memory>".into(),
+                    reason: format!(
+                        "a memory store keeps its size ({} bytes), not {w}",
+                        m.size()
+                    ),
+                }),
+                _ => Ok(m.size()),
+            },
+            Store::ThreadPool(f) => f.shared().grow(want),
+            Store::Uring(u) => u.shared().grow(want),
         }
     }
 

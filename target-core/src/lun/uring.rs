@@ -159,7 +159,7 @@ impl std::fmt::Debug for UringStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UringStore")
             .field("path", &self.file.path)
-            .field("size", &self.file.size)
+            .field("size", &self.file.size())
             .field("direct", &self.file.direct)
             .finish()
     }
@@ -255,7 +255,7 @@ impl UringStore {
     }
 
     pub fn size(&self) -> u64 {
-        self.file.size
+        self.file.size()
     }
 
     pub fn path(&self) -> &Path {

@@ -47,7 +47,7 @@ mod pr_tests;
 mod tests;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -142,8 +142,9 @@ pub struct LogicalUnit {
     pub store: Store,
     /// Logical block size in bytes: 512 or 4096.
     pub block_size: u32,
-    /// Capacity in logical blocks (the store size divided by the block size).
-    pub num_blocks: u64,
+    /// Capacity in logical blocks (the store size divided by the block size); grows with
+    /// [`LogicalUnit::grow`], never shrinks.
+    num_blocks: AtomicU64,
     pub read_only: bool,
     pub identity: LuIdentity,
     block_shift: u32,
@@ -202,7 +203,7 @@ impl LogicalUnit {
             lun,
             store,
             block_size,
-            num_blocks,
+            num_blocks: AtomicU64::new(num_blocks),
             read_only,
             identity,
             block_shift,
@@ -216,6 +217,29 @@ impl LogicalUnit {
             read_modify_write: tokio::sync::Mutex::new(()),
             stats: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Capacity in logical blocks.
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks.load(Ordering::Acquire)
+    }
+
+    /// Grows the LU to `want` bytes (a file store is extended), or to what its file or block
+    /// device now holds. When the capacity grew, every I_T nexus gets CAPACITY DATA HAS
+    /// CHANGED (SBC-3 §4.6: "the device server shall establish a unit attention condition for
+    /// the initiator port associated with each I_T nexus ... with the additional sense code
+    /// set to CAPACITY DATA HAS CHANGED" when the capacity changes). Returns the new capacity
+    /// in bytes if it grew. Shrinking is refused, and the capacity served is kept.
+    pub fn grow(&self, want: Option<u64>) -> Result<Option<u64>, crate::lun::BackendError> {
+        let bytes = self.store.grow(want)?;
+        let blocks = bytes >> self.block_shift;
+        let old = self.num_blocks.fetch_max(blocks, Ordering::AcqRel);
+        if blocks > old {
+            self.raise_unit_attention(UnitAttention::CapacityDataChanged, None);
+            Ok(Some(blocks << self.block_shift))
+        } else {
+            Ok(None)
+        }
     }
 
     /// Executes one command from I_T nexus `nexus` (the session's id).

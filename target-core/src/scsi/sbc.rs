@@ -131,7 +131,7 @@ impl LogicalUnit {
     /// ADDRESS OUT OF RANGE." Checked without overflow: an LBA near 2^64 never wraps.
     fn check_range(&self, lba: u64, blocks: u64) -> Result<(), ScsiError> {
         match lba.checked_add(blocks) {
-            Some(end) if end <= self.num_blocks => Ok(()),
+            Some(end) if end <= self.num_blocks() => Ok(()),
             _ => Err(ScsiError::LbaOutOfRange),
         }
     }
@@ -313,7 +313,7 @@ impl LogicalUnit {
         // "If the number of logical blocks exceeds the maximum value that is able to be
         // specified in the RETURNED LOGICAL BLOCK ADDRESS field, the device server shall set
         // the RETURNED LOGICAL BLOCK ADDRESS field to FFFF_FFFFh."
-        let last = u32::try_from(self.num_blocks - 1).unwrap_or(u32::MAX);
+        let last = u32::try_from(self.num_blocks() - 1).unwrap_or(u32::MAX);
         let mut d = [0u8; 8];
         d[..4].copy_from_slice(&last.to_be_bytes());
         d[4..].copy_from_slice(&self.block_size.to_be_bytes());
@@ -341,11 +341,11 @@ impl LogicalUnit {
         // SBC-3 §5.7: "If the STARTING LOGICAL BLOCK ADDRESS field is greater than the
         // logical block address of the last logical block on the logical unit, then the device
         // server shall terminate the command ... LOGICAL BLOCK ADDRESS OUT OF RANGE."
-        if lba >= self.num_blocks {
+        if lba >= self.num_blocks() {
             return Err(ScsiError::LbaOutOfRange);
         }
         const SCAN: u64 = 1 << 20;
-        let scan = (self.num_blocks - lba).min(SCAN >> self.block_shift);
+        let scan = (self.num_blocks() - lba).min(SCAN >> self.block_shift);
         let (off, len) = self.byte_range(lba, scan)?;
         let data = self
             .store
@@ -371,7 +371,7 @@ impl LogicalUnit {
     fn read_capacity_16(&self, c: &[u8; 16]) -> Result<Bytes, ScsiError> {
         let alloc = be32([c[10], c[11], c[12], c[13]]) as usize;
         let mut d = [0u8; 32];
-        d[..8].copy_from_slice(&(self.num_blocks - 1).to_be_bytes());
+        d[..8].copy_from_slice(&(self.num_blocks() - 1).to_be_bytes());
         d[8..12].copy_from_slice(&self.block_size.to_be_bytes());
         // Byte 13: P_I_EXPONENT 0, LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 0.
         // Byte 14: LBPME (bit 7) when the store deallocates, LBPRZ (bit 6): unmapped blocks
@@ -423,10 +423,10 @@ impl LogicalUnit {
             if WRITE_SAME_NON_ZERO {
                 return Err(ScsiError::cdb(rw.len_byte));
             }
-            if rw.lba >= self.num_blocks {
+            if rw.lba >= self.num_blocks() {
                 return Err(ScsiError::LbaOutOfRange);
             }
-            self.num_blocks - rw.lba
+            self.num_blocks() - rw.lba
         } else {
             u64::from(rw.blocks)
         };

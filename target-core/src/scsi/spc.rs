@@ -234,14 +234,14 @@ impl LogicalUnit {
         if !dbd {
             if llbaa {
                 // SBC-3 §6.4.2.3 long LBA block descriptor.
-                bd.extend_from_slice(&self.num_blocks.to_be_bytes());
+                bd.extend_from_slice(&self.num_blocks().to_be_bytes());
                 bd.extend_from_slice(&[0; 4]);
                 bd.extend_from_slice(&self.block_size.to_be_bytes());
             } else {
                 // SBC-3 §6.4.2.2 short LBA block descriptor: "If the number of logical blocks
                 // ... exceeds the maximum value ..., the NUMBER OF LOGICAL BLOCKS field shall
                 // be set to FFFF_FFFFh."
-                let n = u32::try_from(self.num_blocks).unwrap_or(u32::MAX);
+                let n = u32::try_from(self.num_blocks()).unwrap_or(u32::MAX);
                 bd.extend_from_slice(&n.to_be_bytes());
                 bd.push(0);
                 bd.extend_from_slice(&self.block_size.to_be_bytes()[1..]);
@@ -410,7 +410,7 @@ impl LogicalUnit {
             (0, _) => Ok(()),
             (8, false) => {
                 let n = be32([bd[0], bd[1], bd[2], bd[3]]);
-                let cur = u32::try_from(self.num_blocks).unwrap_or(u32::MAX);
+                let cur = u32::try_from(self.num_blocks()).unwrap_or(u32::MAX);
                 if n != 0 && n != cur {
                     return Err(ScsiError::param(at as u16));
                 }
@@ -423,7 +423,7 @@ impl LogicalUnit {
             (16, true) => {
                 let n =
                     u64::from_be_bytes([bd[0], bd[1], bd[2], bd[3], bd[4], bd[5], bd[6], bd[7]]);
-                if n != 0 && n != self.num_blocks {
+                if n != 0 && n != self.num_blocks() {
                     return Err(ScsiError::param(at as u16));
                 }
                 if be32([bd[12], bd[13], bd[14], bd[15]]) != self.block_size {

@@ -113,7 +113,7 @@ fn construction_checks() {
         Err(LuError::TooSmall { .. })
     ));
     let lu = LogicalUnit::new(0, store(), 4096, false, id).unwrap();
-    assert_eq!(lu.num_blocks, 1);
+    assert_eq!(lu.num_blocks(), 1);
 }
 
 #[tokio::test]
@@ -254,7 +254,7 @@ async fn read6_zero_means_256() {
 #[tokio::test]
 async fn lba_range_checks() {
     let lu = lu();
-    let n = lu.num_blocks;
+    let n = lu.num_blocks();
     // Last block is fine, one past is not; no wrap near 2^32 or 2^64.
     good(&run(&lu, &rw10(0x28, 0, (n - 1) as u32, 1), &[]).await);
     oob(&run(&lu, &rw10(0x28, 0, (n - 1) as u32, 2), &[]).await);

@@ -129,3 +129,61 @@ pub async fn wait_for(f: impl Fn() -> bool) {
     }
     panic!("condition not reached");
 }
+
+/// A LUN whose size grows in the configuration grows in place (SBC-3 §4.6): the session and
+/// its data stay, every I_T nexus gets CAPACITY DATA HAS CHANGED (2Ah/09h), READ CAPACITY
+/// reports the new size and the new blocks take writes. A smaller size is refused and
+/// reported; the LUN keeps serving at the size it has.
+#[tokio::test]
+async fn a_grown_lun_is_served_in_place_and_shrinking_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lun0.img");
+    let with_size = |bytes: u64| {
+        let mut t = target(TARGET, &[]);
+        t.luns.insert(
+            0,
+            target_core::config::LunConfig {
+                backing: target_core::config::Backing::Path(file.clone()),
+                create_size: Some(bytes),
+                ..mem_lun(0)
+            },
+        );
+        state([t])
+    };
+    let t = Target::start(with_size(1 << 20)).await;
+    let mut i = t.login().await;
+    i.clear_ua(0).await;
+    let data = vec![0x5au8; 4096];
+    assert_eq!(i.write(0, 0, &data).await.status, GOOD);
+
+    let report = t.table.apply(&with_size(2 << 20)).await;
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.resized_luns, vec![(TARGET.to_owned(), 0, 2 << 20)]);
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 2 << 20);
+    let r = i.exec(0, &tur(), 0).await;
+    assert_eq!(r.status, CHECK_CONDITION);
+    assert_eq!(r.sense_triplet(), (0x6, 0x2a, 0x09));
+    assert_eq!(i.exec(0, &tur(), 0).await.status, GOOD, "reported once");
+    let cap = i.exec(0, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8).await;
+    assert_eq!(cap.status, GOOD);
+    assert_eq!(
+        u32::from_be_bytes(cap.data[..4].try_into().unwrap()),
+        (2 << 20) / 512 - 1
+    );
+    let back = i.exec(0, &read10(0, 8), 4096).await;
+    assert_eq!(back.data, data, "data written before the growth");
+    assert_eq!(i.write(0, 3000, &data).await.status, GOOD, "a new block");
+
+    let report = t.table.apply(&with_size(1 << 20)).await;
+    let errors = &report.errors[TARGET];
+    assert!(
+        errors[0].error.to_string().contains("shrinking"),
+        "{errors:?}"
+    );
+    let cap = i.exec(0, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8).await;
+    assert_eq!(
+        u32::from_be_bytes(cap.data[..4].try_into().unwrap()),
+        (2 << 20) / 512 - 1,
+        "still served at the grown size"
+    );
+}

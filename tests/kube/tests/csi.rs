@@ -277,6 +277,50 @@ async fn volumes_are_targets_and_publishing_opens_them_to_one_node() {
         .into_inner();
     assert!(ok.confirmed.is_some(), "{}", ok.message);
 
+    // ControllerExpandVolume: past the pool's room is RESOURCE_EXHAUSTED and changes nothing;
+    // within it the agent grows the file in place; a smaller size keeps the volume's size.
+    let expand = |bytes: i64| proto::ControllerExpandVolumeRequest {
+        volume_id: id.clone(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    let e = ctl
+        .controller_expand_volume(expand(1 << 30))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 16 << 20);
+    let r = ctl
+        .controller_expand_volume(expand(24 << 20))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 24 << 20);
+    wait_for(
+        "the volume's file grown to 24 MiB",
+        Duration::from_secs(30),
+        || async { (std::fs::metadata(&file).ok()?.len() == 24 << 20).then_some(()) },
+        || agent.proc.log_tail(30),
+    )
+    .await;
+    let r = ctl
+        .controller_expand_volume(expand(8 << 20))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 24 << 20, "a volume never shrinks");
+    let e = ctl
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: "csi-0000000000000000dead".into(),
+            ..expand(32 << 20)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+
     // DeleteVolume: the Target goes, and the agent deletes its file; deleting again is fine.
     for v in [&id, &second.volume_id] {
         ctl.delete_volume(proto::DeleteVolumeRequest {

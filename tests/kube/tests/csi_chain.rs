@@ -1,6 +1,6 @@
 //! The whole dynamic-provisioning chain on a real control plane: kube-apiserver and
-//! kube-controller-manager (PV binding, attach/detach), the upstream external-provisioner and
-//! external-attacher (built from the module proxy by tests/kube/build-csi-tools.sh) in front of
+//! kube-controller-manager (PV binding, attach/detach), the upstream external-provisioner,
+//! external-attacher and external-resizer (built from the module proxy by tests/kube/build-csi-tools.sh) in front of
 //! `ktgt-csi controller`, and `ktgt-agent kubernetes` serving the volumes. There is no kubelet
 //! or scheduler: the test writes what they would (a Node marked for controller-managed attach,
 //! its CSINode with the driver's node id as node-driver-registrar would, a Pod's nodeName, a
@@ -41,9 +41,10 @@ async fn a_claim_becomes_a_target_that_a_pod_attaches_to_its_node_only() {
     if skip_without_libiscsi("csi_chain") {
         return;
     }
-    let (Some(provisioner), Some(attacher)) = (
+    let (Some(provisioner), Some(attacher), Some(resizer)) = (
         sidecar("KTGT_CSI_PROVISIONER"),
         sidecar("KTGT_CSI_ATTACHER"),
+        sidecar("KTGT_CSI_RESIZER"),
     ) else {
         eprintln!("csi_chain: skipped, the sidecars are not built");
         return;
@@ -106,11 +107,15 @@ async fn a_claim_becomes_a_target_that_a_pod_attaches_to_its_node_only() {
     let mut a = Command::new(&attacher);
     a.args(common);
     let attacher = Proc::spawn(a, &agent.dir.join("attacher.log"));
+    let mut r = Command::new(&resizer);
+    r.args(common);
+    let resizer = Proc::spawn(r, &agent.dir.join("resizer.log"));
     let logs = || {
         format!(
-            "provisioner:\n{}\nattacher:\n{}\ncontroller:\n{}\nagent:\n{}\nkcm:\n{}",
+            "provisioner:\n{}\nattacher:\n{}\nresizer:\n{}\ncontroller:\n{}\nagent:\n{}\nkcm:\n{}",
             provisioner.log_tail(15),
             attacher.log_tail(15),
+            resizer.log_tail(15),
             csi.log_tail(15),
             agent.proc.log_tail(15),
             std::fs::read_to_string(cp.dir().join("kube-controller-manager.log"))
@@ -142,7 +147,8 @@ async fn a_claim_becomes_a_target_that_a_pod_attaches_to_its_node_only() {
     objects.push_str(&format!(
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n---\n\
          apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: {sc}\nprovisioner: csi.ktgt.io\n\
-         parameters: {{pool: chain, csi.storage.k8s.io/fstype: ext4}}\nreclaimPolicy: Delete\nvolumeBindingMode: Immediate\n---\n\
+         parameters: {{pool: chain, csi.storage.k8s.io/fstype: ext4}}\nreclaimPolicy: Delete\nvolumeBindingMode: Immediate\n\
+         allowVolumeExpansion: true\n---\n\
          apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: {wffc}\nprovisioner: csi.ktgt.io\n\
          reclaimPolicy: Delete\nvolumeBindingMode: WaitForFirstConsumer\n---\n"
     ));
@@ -261,6 +267,43 @@ async fn a_claim_becomes_a_target_that_a_pod_attaches_to_its_node_only() {
         "the VolumeAttachment gone",
         Duration::from_secs(60),
         || async { attached().is_empty().then_some(()) },
+        logs,
+    )
+    .await;
+
+    // A larger claim: the resizer expands the volume, the agent grows the LUN and its file
+    // in place; the claim waits for the node's filesystem resize (kubelet's part).
+    let (ok, out, err) = cp.kubectl(&[
+        "patch",
+        "pvc",
+        "data",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"resources":{"requests":{"storage":"32Mi"}}}}"#,
+    ]);
+    assert!(ok, "{out}{err}");
+    wait_for(
+        "the PV, the Target's LUN and its file at 32Mi",
+        Duration::from_secs(90),
+        || async {
+            let pv_size = jsonpath(cp, &["get", "pv", &pv], "{.spec.capacity.storage}");
+            let lun = jsonpath(cp, &["get", "target", &handle], "{.spec.luns[0].size}");
+            let file_len = std::fs::metadata(&file).ok()?.len();
+            (pv_size == "32Mi" && lun == (32u64 << 20).to_string() && file_len == 32 << 20)
+                .then_some(())
+        },
+        logs,
+    )
+    .await;
+    wait_for(
+        "the claim waiting for the node's filesystem resize",
+        Duration::from_secs(60),
+        || async {
+            (pvc("data", "{.status.conditions[*].type}").contains("FileSystemResizePending"))
+                .then_some(())
+        },
         logs,
     )
     .await;

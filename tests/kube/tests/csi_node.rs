@@ -180,6 +180,8 @@ async fn the_node_service_stages_and_publishes_on_a_real_initiator_and_passes_cs
     );
     for step in [
         "csi-fs-stage-twice",
+        "csi-fs-expand-online",
+        "csi-block-expand-online",
         "csi-fs-stage-again-read-back",
         "csi-fs-other-filesystem-refused",
         "csi-block-stage-again-read-back",

@@ -195,6 +195,43 @@ impl Check {
             .into_inner())
     }
 
+    /// ControllerExpandVolume then NodeExpandVolume at `path`; returns the node's capacity.
+    async fn expand(&mut self, v: &Volume, path: &Path, bytes: i64) -> anyhow::Result<i64> {
+        let range = Some(proto::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        });
+        let r = self
+            .ctl
+            .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+                volume_id: v.id.clone(),
+                capacity_range: range,
+                volume_capability: Some(v.cap.clone()),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        ensure!(
+            r.capacity_bytes == bytes,
+            "controller: {}",
+            r.capacity_bytes
+        );
+        ensure!(r.node_expansion_required, "no node expansion asked");
+        let n = self
+            .node
+            .node_expand_volume(proto::NodeExpandVolumeRequest {
+                volume_id: v.id.clone(),
+                volume_path: path.to_string_lossy().into_owned(),
+                capacity_range: range,
+                staging_target_path: v.staging.to_string_lossy().into_owned(),
+                volume_capability: Some(v.cap.clone()),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        Ok(n.capacity_bytes)
+    }
+
     async fn delete(&mut self, v: &Volume) -> anyhow::Result<()> {
         self.ctl
             .controller_unpublish_volume(proto::ControllerUnpublishVolumeRequest {
@@ -394,6 +431,21 @@ async fn run(node_ep: &str, ctl_ep: &str) -> anyhow::Result<()> {
         Ok(())
     })
     .await?;
+    step("fs-expand-online", async {
+        let got = c.expand(&v, &t1, 96 * MIB).await?;
+        ensure!(got == 96 * MIB, "node capacity {got}");
+        let s = c.stats(&v, &t1).await?;
+        let total = s
+            .usage
+            .iter()
+            .find(|u| u.unit == Unit::Bytes as i32)
+            .map_or(0, |u| u.total);
+        ensure!(total > 80 * MIB, "the filesystem did not grow: {total}");
+        verify_files(&t1)?;
+        write_files(&t1.join("after-growth"))?;
+        Ok(())
+    })
+    .await?;
     step("fs-unstage-while-published-refused", async {
         let e = c.unstage(&v).await.unwrap_err();
         ensure!(code_of(&e) == Some(Code::FailedPrecondition), "{e:#}");
@@ -481,6 +533,25 @@ async fn run(node_ep: &str, ctl_ep: &str) -> anyhow::Result<()> {
             .and_then(|mut f| f.write_all(&[0u8; 4096]).and_then(|()| f.sync_all()));
         ensure!(refused.is_err(), "a read-only block publish took a write");
         verify_raw(&dev, &offsets)?;
+        c.unpublish(&b, &dev).await?;
+        c.unstage(&b).await?;
+        Ok(())
+    })
+    .await?;
+    step("block-expand-online", async {
+        c.stage(&b).await?;
+        c.publish(&b, &dev, false).await?;
+        let got = c.expand(&b, &dev, 96 * MIB).await?;
+        ensure!(got == 96 * MIB, "node capacity {got}");
+        verify_raw(&dev, &offsets)?;
+        write_raw(&dev, &[95])?;
+        verify_raw(&dev, &[95])?;
+        let s = c.stats(&b, &dev).await?;
+        ensure!(
+            s.usage.first().map(|u| u.total) == Some(96 * MIB),
+            "{:?}",
+            s.usage
+        );
         c.unpublish(&b, &dev).await?;
         c.unstage(&b).await?;
         Ok(())
