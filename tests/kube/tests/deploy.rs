@@ -57,6 +57,21 @@ fn deploy_csi_is_accepted_whole() {
         let (ok, _, err) = cp.kubectl(&args);
         assert!(ok, "{kind} {name} missing after apply: {err}");
     }
+    // The walkthrough's overlay: the image and the pool replaced, accepted by the server.
+    let overlay = repo_root().join("deploy/examples/csi");
+    let (ok, out, err) = cp.kubectl(&["kustomize", overlay.to_str().unwrap()]);
+    assert!(ok, "kubectl kustomize deploy/examples/csi failed: {err}");
+    assert!(
+        out.contains("image: registry.example.com/ktgt-csi:dev"),
+        "{out}"
+    );
+    assert!(
+        out.contains("name=default,node=storage-1,path=/var/lib/ktgt/csi/default,capacity=500Gi"),
+        "{out}"
+    );
+    let (ok, out, err) =
+        cp.kubectl(&["apply", "--dry-run=server", "-k", overlay.to_str().unwrap()]);
+    assert!(ok, "the overlay was refused: {out}{err}");
     let sc = csi.join("storageclass.yaml");
     let (ok, out, err) = cp.kubectl(&["apply", "--dry-run=server", "-f", sc.to_str().unwrap()]);
     assert!(ok, "{} rejected: {out}{err}", sc.display());
