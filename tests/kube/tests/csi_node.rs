@@ -4,7 +4,8 @@
 //! here on the real control plane, and the guest reaches the controller's socket and the
 //! agent's portal through QEMU's forwarding. In the guest, `csi-node-check` drives volumes
 //! through their whole life (stage, publish, write, unstage, stage again and read back, a
-//! refused login, bad requests), then the upstream csi-sanity runs against both services:
+//! refused login, the target killed and restarted under a volume taking writes, bad
+//! requests), then the upstream csi-sanity runs against both services:
 //! every spec must pass, and the skipped ones are listed with their reasons.
 
 use std::path::{Path, PathBuf};
@@ -96,7 +97,7 @@ async fn the_node_service_stages_and_publishes_on_a_real_initiator_and_passes_cs
     let cp = ControlPlane::shared();
     cp.install_deploy();
     cp.apply_file(&repo_root().join("deploy/csi/controller-rbac.yaml"));
-    let agent = Agent::start_with(
+    let mut agent = Agent::start_with(
         cp,
         "csi-node",
         "ktgt-agent",
@@ -150,9 +151,36 @@ async fn the_node_service_stages_and_publishes_on_a_real_initiator_and_passes_cs
         run.arg("--file")
             .arg(format!("{}:/opt/ktgt/csi-sanity", s.display()));
     }
-    let out = tokio::task::spawn_blocking(move || run.output().expect("running initiator-vm"))
-        .await
-        .unwrap();
+    // The guest asks for the target to be restarted (SIGKILL, started again) while a volume
+    // takes writes.
+    let control = agent.dir.join("control.sock");
+    let listener = tokio::net::UnixListener::bind(&control).unwrap();
+    run.arg("--control-socket").arg(&control);
+    let mut vm = tokio::task::spawn_blocking(move || run.output().expect("running initiator-vm"));
+    let mut restarts = 0;
+    let out = loop {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        tokio::select! {
+            done = &mut vm => break done.unwrap(),
+            conn = listener.accept() => {
+                let (mut conn, _) = conn.unwrap();
+                let mut line = String::new();
+                let _ = tokio::io::BufReader::new(&mut conn).read_line(&mut line).await;
+                let reply: &[u8] = if line.trim() == "restart-target" {
+                    // At once: QEMU's user network accepts the guest's connection even while
+                    // nothing listens behind it and then closes it, where a real network
+                    // refuses the SYN; Linux 6.1's iscsi_tcp, given such a connection during
+                    // recovery, never binds another (ENOTCONN until replacement_timeout).
+                    agent.kill_and_restart();
+                    restarts += 1;
+                    b"restarted\n"
+                } else {
+                    b"unknown request\n"
+                };
+                let _ = conn.write_all(reply).await;
+            }
+        }
+    };
     let console = std::fs::read_to_string(&log).unwrap_or_default();
     let itest: Vec<&str> = console
         .lines()
@@ -186,6 +214,7 @@ async fn the_node_service_stages_and_publishes_on_a_real_initiator_and_passes_cs
         "csi-fs-other-filesystem-refused",
         "csi-block-stage-again-read-back",
         "csi-unpublished-stage-refused",
+        "csi-fs-survives-target-restart",
         "csi-bad-requests",
     ] {
         assert!(
@@ -196,6 +225,10 @@ async fn the_node_service_stages_and_publishes_on_a_real_initiator_and_passes_cs
             itest.join("\n")
         );
     }
+    assert_eq!(
+        restarts, 1,
+        "the guest asked for {restarts} target restarts"
+    );
     if sanity.is_some() {
         let passed = cases.iter().filter(|c| c.1 == "passed").count();
         let failed: Vec<_> = cases

@@ -4,7 +4,9 @@
 //! checks what the node is left with after each step. Prints `ITEST PASS csi-<step>` lines;
 //! exits 1 at the first failure (`ITEST FAIL csi-<step> ...`).
 //!
-//! Usage: `csi-node-check --node unix:///tmp/csi/node.sock --controller 10.0.2.101:10000`
+//! Usage: `csi-node-check --node unix:///tmp/csi/node.sock --controller 10.0.2.101:10000
+//! [--control 10.0.2.102:10000]`. With `--control`, the host restarts the target on request
+//! (one line, `restart-target`, answered `restarted`) while a volume takes writes.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -361,7 +363,93 @@ fn code_of(e: &anyhow::Error) -> Option<Code> {
     e.downcast_ref::<tonic::Status>().map(|s| s.code())
 }
 
-async fn run(node_ep: &str, ctl_ep: &str) -> anyhow::Result<()> {
+/// Writes 64 KiB files with fsync into `dir` until `stop`, counting them; the first error ends
+/// it and is returned.
+fn writer(
+    dir: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<Result<u64, String>> {
+    use std::sync::atomic::Ordering;
+    std::thread::spawn(move || {
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let mut i = 0u64;
+        while !stop.load(Ordering::Acquire) {
+            let mut f = std::fs::File::create(dir.join(format!("w{i}")))
+                .map_err(|e| format!("creating w{i}: {e}"))?;
+            f.write_all(&pattern(5000 + i, 65536))
+                .and_then(|()| f.sync_all())
+                .map_err(|e| format!("writing w{i}: {e}"))?;
+            i += 1;
+            count.store(i, Ordering::Release);
+        }
+        Ok(i)
+    })
+}
+
+/// A published volume takes writes while the host kills the target (SIGKILL) and starts it
+/// again: no write fails, the filesystem stays read-write, and every file reads back.
+async fn survives_target_restart(c: &mut Check, control: &str) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let v = c.create("check-restart", mount_cap()).await?;
+    let t = PathBuf::from(format!("{ROOT}/{}/pod-1", v.id));
+    c.stage(&v).await?;
+    c.publish(&v, &t, false).await?;
+    let (stop, count) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let w = writer(t.join("w"), stop.clone(), count.clone());
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let mut conn = tokio::net::TcpStream::connect(control).await?;
+    conn.write_all(b"restart-target\n").await?;
+    let mut reply = String::new();
+    tokio::io::BufReader::new(&mut conn)
+        .read_line(&mut reply)
+        .await?;
+    ensure!(reply.trim() == "restarted", "the host answered {reply:?}");
+    // Writes go on after the target is back.
+    let before = count.load(Ordering::Acquire);
+    let t0 = Instant::now();
+    while count.load(Ordering::Acquire) < before + 20 && !w.is_finished() {
+        ensure!(
+            t0.elapsed().as_secs() < 120,
+            "writes did not resume after the restart"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Release);
+    let n = w
+        .join()
+        .map_err(|_| anyhow::anyhow!("the writer panicked"))?
+        .map_err(|e| anyhow::anyhow!("a write failed across the restart: {e}"))?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let line = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(&*t.to_string_lossy()))
+        .context("the volume is no longer mounted")?;
+    ensure!(
+        line.split(' ')
+            .nth(5)
+            .is_some_and(|o| o.split(',').any(|x| x == "rw")),
+        "the filesystem went read-only: {line}"
+    );
+    for i in 0..n {
+        let got = std::fs::read(t.join(format!("w/w{i}")))?;
+        ensure!(
+            got == pattern(5000 + i, 65536),
+            "w{i} differs after the restart"
+        );
+    }
+    println!("ITEST INFO csi-restart: {n} files written and read back across the restart");
+    c.unpublish(&v, &t).await?;
+    c.unstage(&v).await?;
+    c.delete(&v).await
+}
+
+async fn run(node_ep: &str, ctl_ep: &str, control: Option<&str>) -> anyhow::Result<()> {
     let node = NodeClient::new(connect(node_ep).await?);
     let ctl = ControllerClient::new(connect(ctl_ep).await?);
     let mut c = Check {
@@ -580,6 +668,14 @@ async fn run(node_ep: &str, ctl_ep: &str) -> anyhow::Result<()> {
     })
     .await?;
 
+    if let Some(control) = control {
+        step(
+            "fs-survives-target-restart",
+            survives_target_restart(&mut c, control),
+        )
+        .await?;
+    }
+
     step("bad-requests", async {
         let e = c
             .node
@@ -639,7 +735,7 @@ async fn main() {
         eprintln!("usage: csi-node-check --node unix://PATH --controller HOST:PORT");
         std::process::exit(2);
     };
-    if let Err(e) = run(&node, &ctl).await {
+    if let Err(e) = run(&node, &ctl, arg("--control").as_deref()).await {
         eprintln!("csi-node-check: {e:#}");
         std::process::exit(1);
     }
