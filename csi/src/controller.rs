@@ -40,7 +40,11 @@ pub const ISCSI_PORT: u16 = 3260;
 
 /// StorageClass parameters the driver understands (the provisioner's `csi.storage.k8s.io/`
 /// ones are passed through and ignored).
-pub const PARAMETERS: &[&str] = &["pool", "blockSize"];
+pub const PARAMETERS: &[&str] = &["pool", "blockSize", "chap"];
+/// Characters of generated CHAP secrets: 16 of them carry 95 bits, and every initiator takes
+/// them (Microsoft's allows at most 16).
+const SECRET_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+const SECRET_LEN: usize = 16;
 
 /// Both services, on one Kubernetes client.
 #[derive(Clone)]
@@ -49,15 +53,76 @@ pub struct ControllerService {
     pools: Pools,
     /// Portals by pool name, where a pool declares one.
     portals: BTreeMap<String, String>,
+    /// Where volumes' CHAP Secrets are written.
+    secret_namespace: String,
 }
 
 impl ControllerService {
-    pub fn new(client: Client, pools: Pools, portals: BTreeMap<String, String>) -> Self {
+    pub fn new(
+        client: Client,
+        pools: Pools,
+        portals: BTreeMap<String, String>,
+        secret_namespace: String,
+    ) -> Self {
         ControllerService {
             client,
             pools,
             portals,
+            secret_namespace,
         }
+    }
+
+    fn secrets(&self) -> Api<k8s_openapi::api::core::v1::Secret> {
+        Api::namespaced(self.client.clone(), &self.secret_namespace)
+    }
+
+    /// Writes the CHAP Secrets of a new volume, or finds those a retried CreateVolume wrote
+    /// (their accounts are kept: the agent may serve them already).
+    async fn ensure_chap_secrets(
+        &self,
+        id: &str,
+        name: &str,
+        mode: volume::ChapMode,
+    ) -> Result<(), Status> {
+        let account = |user: String| -> Result<volume::Account, Status> {
+            Ok(volume::Account {
+                user,
+                secret: random_secret()?,
+            })
+        };
+        let initiator = account(id.to_owned())?;
+        let target = match mode {
+            volume::ChapMode::Mutual => Some(account(format!("{id}-target"))?),
+            _ => None,
+        };
+        for s in volume::chap_secrets(
+            id,
+            name,
+            &self.secret_namespace,
+            &initiator,
+            target.as_ref(),
+        ) {
+            match self.secrets().create(&PostParams::default(), &s).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    let existing = self
+                        .secrets()
+                        .get(&s.name_any())
+                        .await
+                        .map_err(api_status)?;
+                    let ours = existing.labels().get(LABEL_VOLUME).is_some_and(|v| v == id);
+                    if !ours {
+                        return Err(Status::already_exists(format!(
+                            "Secret {}/{} exists and is not volume {id}'s",
+                            self.secret_namespace,
+                            s.name_any()
+                        )));
+                    }
+                }
+                Err(e) => return Err(api_status(e)),
+            }
+        }
+        Ok(())
     }
 
     fn targets(&self) -> Api<Target> {
@@ -283,6 +348,25 @@ pub fn size_for(range: Option<&proto::CapacityRange>) -> Result<u64, Status> {
     Ok(rounded)
 }
 
+/// A CHAP secret from the operating system's random source, each character uniform over
+/// [`SECRET_CHARS`] (bytes at or above the largest multiple of its length are drawn again).
+fn random_secret() -> Result<String, Status> {
+    let n = SECRET_CHARS.len();
+    let limit = 256 - 256 % n;
+    let mut out = String::with_capacity(SECRET_LEN);
+    while out.len() < SECRET_LEN {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| Status::internal(format!("no random bytes for a CHAP secret: {e}")))?;
+        for b in bytes.iter().map(|b| *b as usize).filter(|b| *b < limit) {
+            if out.len() < SECRET_LEN {
+                out.push(SECRET_CHARS[b % n] as char);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Whether `s` has the shape of an iSCSI initiator name (RFC 3720 §3.2.6: iqn., eui., naa.).
 fn is_initiator_name(s: &str) -> bool {
     let ok_chars = s
@@ -347,9 +431,17 @@ impl proto::controller_server::Controller for ControllerService {
         }
         let mut pool_name = None;
         let mut block_size = None;
+        let mut chap = volume::ChapMode::None;
         for (k, v) in &req.parameters {
             match k.as_str() {
                 "pool" => pool_name = Some(v.as_str()),
+                "chap" => {
+                    chap = volume::ChapMode::parse(v).ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "parameter chap: {v:?}; use none, oneway or mutual"
+                        ))
+                    })?
+                }
                 "blockSize" => {
                     block_size = Some(match v.as_str() {
                         "512" => 512,
@@ -432,7 +524,12 @@ impl proto::controller_server::Controller for ControllerService {
                 })?,
         };
 
-        let target = volume::target(&req.name, pool, bytes, block_size);
+        let mut target = volume::target(&req.name, pool, bytes, block_size);
+        if chap != volume::ChapMode::None {
+            // The Secrets first: the agent serves the Target only with its accounts.
+            self.ensure_chap_secrets(&id, &req.name, chap).await?;
+            target.spec.chap = volume::target_chap(&req.name, &self.secret_namespace, chap);
+        }
         match self.targets().create(&PostParams::default(), &target).await {
             Ok(t) => {
                 info!(volume = %req.name, volume_id = %id, pool = %pool.name, bytes, "volume created");
@@ -483,6 +580,16 @@ impl proto::controller_server::Controller for ControllerService {
                 )))
             }
             None => {}
+        }
+        // Its CHAP Secrets, found by label (also those of a CreateVolume that failed after
+        // writing them).
+        let secrets = self
+            .secrets()
+            .list(&ListParams::default().labels(&format!("{LABEL_VOLUME}={id}")))
+            .await
+            .map_err(api_status)?;
+        for s in secrets.items {
+            delete_ignoring_absent(&self.secrets(), &s.name_any()).await?;
         }
         Ok(Response::new(proto::DeleteVolumeResponse {}))
     }
@@ -865,6 +972,15 @@ mod tests {
                 })
             }),
         }
+    }
+
+    #[test]
+    fn chap_secrets_are_random_and_of_the_safe_characters() {
+        let a = random_secret().unwrap();
+        let b = random_secret().unwrap();
+        assert_eq!(a.len(), SECRET_LEN);
+        assert_ne!(a, b);
+        assert!(a.bytes().all(|c| SECRET_CHARS.contains(&c)), "{a}");
     }
 
     #[test]

@@ -41,6 +41,9 @@ enum Command {
         /// optionally portal=ADDR:PORT (default: the Node's InternalIP, port 3260).
         #[arg(long = "pool", required = true)]
         pools: Vec<String>,
+        /// The namespace of volumes' CHAP Secrets (StorageClass parameter chap).
+        #[arg(long, default_value = "ktgt-system")]
+        secret_namespace: String,
     },
     /// The Identity and Node services: iscsiadm login, mkfs when blank, mount, on this node.
     Node {
@@ -79,7 +82,11 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     match cli.command {
-        Command::Controller { endpoint, pools } => rt.block_on(controller(endpoint, pools)),
+        Command::Controller {
+            endpoint,
+            pools,
+            secret_namespace,
+        } => rt.block_on(controller(endpoint, pools, secret_namespace)),
         Command::Node {
             endpoint,
             node_name,
@@ -144,7 +151,11 @@ fn split_portal(value: &str) -> (String, Option<String>) {
     (rest.join(","), portal)
 }
 
-async fn controller(endpoint: String, pool_args: Vec<String>) -> anyhow::Result<()> {
+async fn controller(
+    endpoint: String,
+    pool_args: Vec<String>,
+    secret_namespace: String,
+) -> anyhow::Result<()> {
     let mut pools = Vec::new();
     let mut portals = BTreeMap::new();
     for value in &pool_args {
@@ -166,7 +177,7 @@ async fn controller(endpoint: String, pool_args: Vec<String>) -> anyhow::Result<
     for p in pools.iter() {
         info!(pool = %p, "pool");
     }
-    let service = ControllerService::new(client, pools, portals);
+    let service = ControllerService::new(client, pools, portals, secret_namespace);
     let incoming = ktgt_csi::endpoint::bind(&path)?;
     info!(endpoint = %endpoint, driver = ktgt_csi::DRIVER_NAME, "serving the CSI controller");
     let shutdown = shutdown_signal()?;

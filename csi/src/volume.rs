@@ -3,9 +3,11 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::Secret;
 use ktgt_operator::api::{
     InitiatorGroup, InitiatorGroupBinding, InitiatorGroupBindingSpec, InitiatorGroupReference,
-    InitiatorGroupSpec, Quantity, Target, TargetLun, TargetReference, TargetSpec,
+    InitiatorGroupSpec, Quantity, SecretReference, Target, TargetChap, TargetLun, TargetReference,
+    TargetSpec,
 };
 use kube::api::ObjectMeta;
 use sha2::{Digest, Sha256};
@@ -16,7 +18,7 @@ use crate::pools::Pool;
 pub const LABEL_MANAGED: &str = "csi.ktgt.io/managed";
 /// Label: the pool a volume's Target is in.
 pub const LABEL_POOL: &str = "csi.ktgt.io/pool";
-/// Label on a binding: the volume (Target name) it opens.
+/// Label on a binding or a CHAP Secret: the volume (Target name) it belongs to.
 pub const LABEL_VOLUME: &str = "csi.ktgt.io/volume";
 /// Annotation: the CSI volume name the Target was created for.
 pub const ANNOTATION_NAME: &str = "csi.ktgt.io/name";
@@ -61,6 +63,118 @@ pub fn is_volume_id(id: &str) -> bool {
 /// The IQN of volume `volume_id`.
 pub fn target_iqn(volume_id: &str) -> String {
     format!("{IQN_PREFIX}:{volume_id}")
+}
+
+/// A volume's CHAP: none, one-way (the initiator proves itself) or mutual (and the target
+/// too). StorageClass parameter `chap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChapMode {
+    None,
+    OneWay,
+    Mutual,
+}
+
+impl ChapMode {
+    pub fn parse(v: &str) -> Option<ChapMode> {
+        match v {
+            "none" => Some(ChapMode::None),
+            "oneway" => Some(ChapMode::OneWay),
+            "mutual" => Some(ChapMode::Mutual),
+            _ => None,
+        }
+    }
+}
+
+/// The Secret with a volume's initiator account (and, for mutual CHAP, the target's account
+/// under kubelet's `_in` keys): the node-stage secret of the volume's StorageClass,
+/// `ktgt-chap-${pv.name}`.
+pub fn chap_secret_name(csi_name: &str) -> String {
+    format!("ktgt-chap-{csi_name}")
+}
+
+/// The Secret with the target's own account (mutual CHAP), for the Target's
+/// `mutualSecretRef`.
+pub fn chap_target_secret_name(csi_name: &str) -> String {
+    format!("ktgt-chap-{csi_name}-target")
+}
+
+/// One CHAP account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub user: String,
+    pub secret: String,
+}
+
+/// The Secrets of a volume's CHAP accounts: the initiator's (the agent's keys `username` and
+/// `password`, and kubelet's `node.session.auth.*` for the node service) and, when mutual,
+/// the target's (the agent's keys; kubelet's `_in` keys in the first Secret).
+pub fn chap_secrets(
+    volume_id: &str,
+    csi_name: &str,
+    namespace: &str,
+    initiator: &Account,
+    target: Option<&Account>,
+) -> Vec<Secret> {
+    let secret = |name: String, data: BTreeMap<String, String>| Secret {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(namespace.to_owned()),
+            labels: Some({
+                let mut l = managed_labels();
+                l.insert(LABEL_VOLUME.to_owned(), volume_id.to_owned());
+                l
+            }),
+            ..ObjectMeta::default()
+        },
+        string_data: Some(data),
+        type_: Some("Opaque".to_owned()),
+        ..Secret::default()
+    };
+    let mut data = BTreeMap::from([
+        ("username".to_owned(), initiator.user.clone()),
+        ("password".to_owned(), initiator.secret.clone()),
+        (
+            "node.session.auth.username".to_owned(),
+            initiator.user.clone(),
+        ),
+        (
+            "node.session.auth.password".to_owned(),
+            initiator.secret.clone(),
+        ),
+    ]);
+    let mut out = Vec::new();
+    if let Some(t) = target {
+        data.insert("node.session.auth.username_in".to_owned(), t.user.clone());
+        data.insert("node.session.auth.password_in".to_owned(), t.secret.clone());
+        out.push(secret(
+            chap_target_secret_name(csi_name),
+            BTreeMap::from([
+                ("username".to_owned(), t.user.clone()),
+                ("password".to_owned(), t.secret.clone()),
+            ]),
+        ));
+    }
+    out.insert(0, secret(chap_secret_name(csi_name), data));
+    out
+}
+
+/// The Target's `chap` for a volume's CHAP Secrets in `namespace`.
+pub fn target_chap(csi_name: &str, namespace: &str, mode: ChapMode) -> Option<TargetChap> {
+    let reference = |name: String| SecretReference {
+        name,
+        namespace: Some(namespace.to_owned()),
+    };
+    match mode {
+        ChapMode::None => None,
+        ChapMode::OneWay => Some(TargetChap {
+            secret_ref: reference(chap_secret_name(csi_name)),
+            mutual_secret_ref: None,
+        }),
+        ChapMode::Mutual => Some(TargetChap {
+            secret_ref: reference(chap_secret_name(csi_name)),
+            mutual_secret_ref: Some(reference(chap_target_secret_name(csi_name))),
+        }),
+    }
 }
 
 fn managed_labels() -> BTreeMap<String, String> {
@@ -250,6 +364,38 @@ mod tests {
             lun["backingStore"],
             t.spec.luns[0].backing_store.clone().unwrap()
         );
+    }
+
+    #[test]
+    fn chap_secrets_carry_the_agents_and_kubelets_keys() {
+        let i = Account {
+            user: "csi-1".into(),
+            secret: "aaaaaaaaaaaaaaaa".into(),
+        };
+        let t = Account {
+            user: "csi-1-target".into(),
+            secret: "bbbbbbbbbbbbbbbb".into(),
+        };
+        let s = chap_secrets("csi-1", "pvc-1", "ktgt-system", &i, Some(&t));
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].metadata.name.as_deref(), Some("ktgt-chap-pvc-1"));
+        let d = s[0].string_data.as_ref().unwrap();
+        assert_eq!(d["username"], "csi-1");
+        assert_eq!(d["node.session.auth.password"], "aaaaaaaaaaaaaaaa");
+        assert_eq!(d["node.session.auth.username_in"], "csi-1-target");
+        assert_eq!(
+            s[1].metadata.name.as_deref(),
+            Some("ktgt-chap-pvc-1-target")
+        );
+        assert_eq!(
+            s[1].string_data.as_ref().unwrap()["password"],
+            "bbbbbbbbbbbbbbbb"
+        );
+        let c = target_chap("pvc-1", "ktgt-system", ChapMode::Mutual).unwrap();
+        assert_eq!(c.secret_ref.name, "ktgt-chap-pvc-1");
+        assert_eq!(c.mutual_secret_ref.unwrap().name, "ktgt-chap-pvc-1-target");
+        assert!(target_chap("pvc-1", "ns", ChapMode::None).is_none());
+        assert_eq!(chap_secrets("csi-1", "pvc-1", "ns", &i, None).len(), 1);
     }
 
     #[test]

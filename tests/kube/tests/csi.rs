@@ -14,7 +14,7 @@ use ktgt_kube_tests::agent::{
     assert_nothing_forbidden, skip_without_libiscsi, Agent, CLIENT, STRANGER,
 };
 use ktgt_kube_tests::csi::{channel, create, mount_cap};
-use ktgt_kube_tests::{ktgt_bin, repo_root, unique, wait_for, ControlPlane, Proc};
+use ktgt_kube_tests::{iscsi, ktgt_bin, repo_root, unique, wait_for, ControlPlane, Proc};
 use ktgt_operator::api::Target;
 use kube::Api;
 use tonic::Code;
@@ -352,6 +352,89 @@ async fn volumes_are_targets_and_publishing_opens_them_to_one_node() {
         "name",
     ]);
     assert!(out.trim().is_empty(), "bindings left behind: {out}");
+
+    // CHAP per volume: the controller writes the accounts into Secrets (the agent's keys and
+    // kubelet's), the Target requires them, and DeleteVolume removes them.
+    let e = ctl
+        .create_volume(create(&unique("pvc"), 8 << 20, &[("chap", "yes")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("parameter chap"), "{e}");
+    let chap_name = unique("pvc");
+    let v = ctl
+        .create_volume(create(&chap_name, 8 << 20, &[("chap", "oneway")]))
+        .await
+        .unwrap_or_else(|e| panic!("CreateVolume with chap: {e}\n{}", csi.log_tail(20)))
+        .into_inner()
+        .volume
+        .unwrap();
+    let chap_iqn = v.volume_context["iqn"].clone();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(cp.client().await, "ktgt-system");
+    let secret = secrets
+        .get(&format!("ktgt-chap-{chap_name}"))
+        .await
+        .expect("the volume's CHAP Secret");
+    let data = secret.data.unwrap_or_default();
+    let text = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
+    let (user, password) = (text("username"), text("password"));
+    assert_eq!(text("node.session.auth.username"), user);
+    assert_eq!(text("node.session.auth.password"), password);
+    assert_eq!(password.len(), 16);
+    assert!(
+        !data.contains_key("node.session.auth.password_in"),
+        "one-way only"
+    );
+    ctl.controller_publish_volume(proto::ControllerPublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: CLIENT.into(),
+        volume_capability: Some(mount_cap()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let with_chap = format!("iscsi://{user}%{password}@{}/{chap_iqn}/0", agent.portal);
+    wait_for(
+        "a login with the volume's CHAP account",
+        Duration::from_secs(30),
+        || async {
+            iscsi("iscsi-inq", &["-i", CLIENT, &with_chap])
+                .0
+                .then_some(())
+        },
+        || agent.proc.log_tail(20),
+    )
+    .await;
+    assert!(
+        !agent.can_log_in(CLIENT, &chap_iqn),
+        "a login without CHAP was admitted"
+    );
+    let wrong = format!(
+        "iscsi://{user}%WrongSecret0123@{}/{chap_iqn}/0",
+        agent.portal
+    );
+    assert!(
+        !iscsi("iscsi-inq", &["-i", CLIENT, &wrong]).0,
+        "a wrong secret was admitted"
+    );
+    ctl.delete_volume(proto::DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, left, _) = cp.kubectl(&[
+        "get",
+        "secrets",
+        "-n",
+        "ktgt-system",
+        "-l",
+        "csi.ktgt.io/managed=true",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(left.trim(), "", "CHAP Secrets left behind");
     assert_nothing_forbidden(cp, CSI_USER);
     drop(csi);
 }

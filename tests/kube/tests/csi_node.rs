@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use ktgt_csi::proto::{self, controller_client::ControllerClient};
 use ktgt_kube_tests::agent::{assert_nothing_forbidden, Agent};
+use ktgt_kube_tests::csi::{channel, create};
 use ktgt_kube_tests::{ktgt_bin, repo_root, wait_for, ControlPlane, Proc};
 
 const CSI_USER: &str = "system:serviceaccount:ktgt-system:ktgt-csi-controller";
@@ -131,6 +133,37 @@ async fn the_node_service_stages_and_publishes_on_a_real_initiator_and_passes_cs
     )
     .await;
 
+    // A volume with mutual CHAP, made here; the guest stages it with the Secret the controller
+    // wrote (what kubelet would hand the node service as its stage secret).
+    let mut ctl = ControllerClient::new(channel(socket.clone()).await);
+    let chap_id = ctl
+        .create_volume(create("check-chap", 64 << 20, &[("chap", "mutual")]))
+        .await
+        .unwrap_or_else(|e| panic!("CreateVolume with chap: {e}\n{}", csi.log_tail(20)))
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let secret: k8s_openapi::api::core::v1::Secret =
+        kube::Api::namespaced(cp.client().await, "ktgt-system")
+            .get("ktgt-chap-check-chap")
+            .await
+            .expect("the volume's CHAP Secret");
+    let secrets: std::collections::BTreeMap<String, String> = secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("node.session.auth."))
+        .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
+        .collect();
+    assert_eq!(secrets.len(), 4, "{:?}", secrets.keys());
+    let chap_file = agent.dir.join("chap-volume.json");
+    std::fs::write(
+        &chap_file,
+        serde_json::json!({"volume_id": chap_id, "secrets": secrets}).to_string(),
+    )
+    .unwrap();
+
     let bins = agent.dir.join("guest-bin");
     std::fs::create_dir_all(&bins).unwrap();
     let node_bin = stripped(&ktgt_bin("ktgt-csi"), &bins);
@@ -145,6 +178,11 @@ async fn the_node_service_stages_and_publishes_on_a_real_initiator_and_passes_cs
         .arg(format!("{}:/opt/ktgt/ktgt-csi", node_bin.display()))
         .arg("--file")
         .arg(format!("{}:/opt/ktgt/csi-node-check", check_bin.display()))
+        .arg("--file")
+        .arg(format!(
+            "{}:/opt/ktgt/chap-volume.json",
+            chap_file.display()
+        ))
         .args(["--memory", "1024", "--timeout", "1200", "--log"])
         .arg(&log);
     if let Some(s) = &sanity {
@@ -215,6 +253,7 @@ async fn the_node_service_stages_and_publishes_on_a_real_initiator_and_passes_cs
         "csi-block-stage-again-read-back",
         "csi-unpublished-stage-refused",
         "csi-fs-survives-target-restart",
+        "csi-chap-mutual-stage-secrets",
         "csi-bad-requests",
     ] {
         assert!(
@@ -244,7 +283,24 @@ async fn the_node_service_stages_and_publishes_on_a_real_initiator_and_passes_cs
         assert!(failed.is_empty(), "csi-sanity failures: {failed:#?}");
     }
 
-    // Everything the guest made is gone: no volume Target, binding or file.
+    ctl.delete_volume(proto::DeleteVolumeRequest {
+        volume_id: chap_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Everything the guest made is gone: no volume Target, binding, CHAP Secret or file.
+    let (_, secrets, _) = cp.kubectl(&[
+        "get",
+        "secrets",
+        "-n",
+        "ktgt-system",
+        "-l",
+        "csi.ktgt.io/managed=true",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(secrets.trim(), "", "CHAP Secrets left behind");
     let (_, targets, _) = cp.kubectl(&[
         "get",
         "targets,initiatorgroupbindings",

@@ -5,8 +5,9 @@
 //! exits 1 at the first failure (`ITEST FAIL csi-<step> ...`).
 //!
 //! Usage: `csi-node-check --node unix:///tmp/csi/node.sock --controller 10.0.2.101:10000
-//! [--control 10.0.2.102:10000]`. With `--control`, the host restarts the target on request
-//! (one line, `restart-target`, answered `restarted`) while a volume takes writes.
+//! [--control 10.0.2.102:10000] [--chap FILE]`. With `--control`, the host restarts the target
+//! on request (one line, `restart-target`, answered `restarted`) while a volume takes writes.
+//! With `--chap`, a mutual-CHAP volume the host made is staged with its stage secrets.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -116,6 +117,32 @@ impl Check {
         Ok(Volume {
             staging: PathBuf::from(format!("{ROOT}/{}/stage", v.volume_id)),
             id: v.volume_id,
+            iqn,
+            context,
+            cap,
+        })
+    }
+
+    /// Publishes an existing volume (made on the host) to this node.
+    async fn attach(&mut self, id: &str, cap: proto::VolumeCapability) -> anyhow::Result<Volume> {
+        let context = self
+            .ctl
+            .controller_publish_volume(proto::ControllerPublishVolumeRequest {
+                volume_id: id.to_owned(),
+                node_id: self.node_id.clone(),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .publish_context;
+        let iqn = context
+            .get("iqn")
+            .context("no iqn in the publish context")?
+            .clone();
+        Ok(Volume {
+            staging: PathBuf::from(format!("{ROOT}/{id}/stage")),
+            id: id.to_owned(),
             iqn,
             context,
             cap,
@@ -387,6 +414,71 @@ fn writer(
     })
 }
 
+/// A volume with mutual CHAP, made on the host (`file`: its id and the Secret the controller
+/// wrote, as kubelet would pass it): staged with its stage secrets it logs in and holds data;
+/// a wrong initiator secret is PERMISSION_DENIED, a wrong target secret (mutual CHAP failing on
+/// the initiator's side) FAILED_PRECONDITION, and neither leaves a session or record.
+async fn chap_volume(c: &mut Check, file: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+    let j: serde_json::Value = serde_json::from_str(&text)?;
+    let id = j["volume_id"].as_str().context("no volume_id")?;
+    let secrets: HashMap<String, String> = serde_json::from_value(j["secrets"].clone())?;
+    ensure!(
+        secrets.contains_key("node.session.auth.password_in"),
+        "not mutual: {:?}",
+        secrets.keys()
+    );
+    let v = c.attach(id, mount_cap()).await?;
+    let t = PathBuf::from(format!("{ROOT}/{id}/pod-1"));
+    let stage = |secrets: HashMap<String, String>| {
+        let mut r = c.stage_req(&v);
+        r.secrets = secrets;
+        r
+    };
+    let wrong = |key: &str| {
+        let mut s = secrets.clone();
+        s.insert(key.to_owned(), "WrongSecret0123456".to_owned());
+        s
+    };
+    let (bad_initiator, bad_target, good) = (
+        stage(wrong("node.session.auth.password")),
+        stage(wrong("node.session.auth.password_in")),
+        stage(secrets.clone()),
+    );
+    let e = c.node.node_stage_volume(bad_initiator).await.unwrap_err();
+    ensure!(
+        e.code() == Code::PermissionDenied,
+        "a wrong initiator secret: {e:?}"
+    );
+    ensure!(
+        sessions_to(&v.iqn) == 0 && !has_record(&v.iqn)?,
+        "left a session or record"
+    );
+    let e = c.node.node_stage_volume(bad_target).await.unwrap_err();
+    ensure!(
+        matches!(e.code(), Code::FailedPrecondition | Code::PermissionDenied),
+        "a wrong target secret: {e:?}"
+    );
+    ensure!(
+        sessions_to(&v.iqn) == 0 && !has_record(&v.iqn)?,
+        "left a session or record"
+    );
+    c.node.node_stage_volume(good).await?;
+    c.publish(&v, &t, false).await?;
+    write_files(&t)?;
+    verify_files(&t)?;
+    c.unpublish(&v, &t).await?;
+    c.unstage(&v).await?;
+    c.ctl
+        .controller_unpublish_volume(proto::ControllerUnpublishVolumeRequest {
+            volume_id: v.id.clone(),
+            node_id: c.node_id.clone(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
 /// A published volume takes writes while the host kills the target (SIGKILL) and starts it
 /// again: no write fails, the filesystem stays read-write, and every file reads back.
 async fn survives_target_restart(c: &mut Check, control: &str) -> anyhow::Result<()> {
@@ -449,7 +541,12 @@ async fn survives_target_restart(c: &mut Check, control: &str) -> anyhow::Result
     c.delete(&v).await
 }
 
-async fn run(node_ep: &str, ctl_ep: &str, control: Option<&str>) -> anyhow::Result<()> {
+async fn run(
+    node_ep: &str,
+    ctl_ep: &str,
+    control: Option<&str>,
+    chap: Option<&str>,
+) -> anyhow::Result<()> {
     let node = NodeClient::new(connect(node_ep).await?);
     let ctl = ControllerClient::new(connect(ctl_ep).await?);
     let mut c = Check {
@@ -676,6 +773,10 @@ async fn run(node_ep: &str, ctl_ep: &str, control: Option<&str>) -> anyhow::Resu
         .await?;
     }
 
+    if let Some(file) = chap {
+        step("chap-mutual-stage-secrets", chap_volume(&mut c, file)).await?;
+    }
+
     step("bad-requests", async {
         let e = c
             .node
@@ -735,7 +836,8 @@ async fn main() {
         eprintln!("usage: csi-node-check --node unix://PATH --controller HOST:PORT");
         std::process::exit(2);
     };
-    if let Err(e) = run(&node, &ctl, arg("--control").as_deref()).await {
+    let (control, chap) = (arg("--control"), arg("--chap"));
+    if let Err(e) = run(&node, &ctl, control.as_deref(), chap.as_deref()).await {
         eprintln!("csi-node-check: {e:#}");
         std::process::exit(1);
     }
