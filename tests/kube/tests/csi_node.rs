@@ -247,6 +247,7 @@ async fn the_node_service_stages_and_publishes_on_a_real_initiator_and_passes_cs
     for step in [
         "csi-fs-stage-twice",
         "csi-fs-expand-online",
+        "csi-xfs-stage-write-expand",
         "csi-block-expand-online",
         "csi-fs-stage-again-read-back",
         "csi-fs-other-filesystem-refused",

@@ -92,9 +92,18 @@ struct Volume {
 
 impl Check {
     async fn create(&mut self, name: &str, cap: proto::VolumeCapability) -> anyhow::Result<Volume> {
+        self.create_sized(name, cap, 64 * MIB).await
+    }
+
+    async fn create_sized(
+        &mut self,
+        name: &str,
+        cap: proto::VolumeCapability,
+        bytes: i64,
+    ) -> anyhow::Result<Volume> {
         let v = self
             .ctl
-            .create_volume(create_with(name, 64 * MIB, cap.clone(), &[]))
+            .create_volume(create_with(name, bytes, cap.clone(), &[]))
             .await?
             .into_inner()
             .volume
@@ -686,6 +695,56 @@ async fn run(
     })
     .await?;
     step("fs-delete", c.delete(&v)).await?;
+
+    // An xfs volume (mkfs.xfs wants 300 MiB at least): formatted when blank, grown online
+    // with xfs_growfs, and not formatted again.
+    let x = step(
+        "xfs-create-publish",
+        c.create_sized("check-xfs", mount_cap_fs("xfs"), 320 * MIB),
+    )
+    .await?;
+    let tx = PathBuf::from(format!("{ROOT}/{}/pod-1", x.id));
+    step("xfs-stage-write-expand", async {
+        c.stage(&x).await?;
+        let fs = std::fs::read_to_string("/proc/self/mountinfo")?
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(&*x.staging.to_string_lossy()))
+            .and_then(|l| {
+                l.split(" - ")
+                    .nth(1)
+                    .map(|r| r.split(' ').next().unwrap_or("").to_owned())
+            })
+            .context("the staging path is not mounted")?;
+        ensure!(fs == "xfs", "staged as {fs}");
+        c.publish(&x, &tx, false).await?;
+        write_files(&tx)?;
+        let total = |s: proto::NodeGetVolumeStatsResponse| {
+            s.usage
+                .iter()
+                .find(|u| u.unit == Unit::Bytes as i32)
+                .map_or(0, |u| u.total)
+        };
+        let before = total(c.stats(&x, &tx).await?);
+        let got = c.expand(&x, &tx, 352 * MIB).await?;
+        ensure!(got == 352 * MIB, "node capacity {got}");
+        let after = total(c.stats(&x, &tx).await?);
+        // The internal log keeps its size: the data section grows by the 32 MiB added.
+        ensure!(
+            after >= before + 31 * MIB,
+            "xfs did not grow: {before} -> {after}"
+        );
+        verify_files(&tx)?;
+        c.unpublish(&x, &tx).await?;
+        c.unstage(&x).await?;
+        c.stage(&x).await?;
+        c.publish(&x, &tx, true).await?;
+        verify_files(&tx)?;
+        c.unpublish(&x, &tx).await?;
+        c.unstage(&x).await?;
+        Ok(())
+    })
+    .await?;
+    step("xfs-delete", c.delete(&x)).await?;
 
     // A raw block volume: published as a device file; the blocks survive a new stage.
     let b = step("block-create-publish", c.create("check-block", block_cap())).await?;
