@@ -192,7 +192,9 @@ pub struct SecretReference {
 
 /// Observed state of a Target, written by the node agent that serves it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+/// Status types accept fields they do not know: a newer agent may add some, and the
+/// operator, the CSI driver and older agents must still read the object.
+#[serde(rename_all = "camelCase")]
 pub struct TargetStatus {
     /// `Ready`, `TargetFailed` and `LUNFailed`, one entry per type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -209,7 +211,7 @@ pub struct TargetStatus {
 /// A condition of a Target: `Ready`, `TargetFailed` or `LUNFailed` (see the `condition`
 /// module).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct TargetCondition {
     #[serde(rename = "type")]
     pub type_: String,
@@ -230,7 +232,7 @@ pub struct TargetCondition {
 
 /// What the node actually serves for a Target (tgtd-operator's `TargetActual`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct TargetActual {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tid: Option<i32>,
@@ -249,7 +251,7 @@ pub struct TargetActual {
 /// A served LUN. Same JSON as the tgtd-operator fields of a spec LUN, but every field is
 /// optional: tgtd-operator omits `lun: 0` (its controller LUN).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ObservedLun {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lun: Option<i32>,
@@ -259,6 +261,9 @@ pub struct ObservedLun {
     pub bs_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bs_opts: Option<String>,
+    /// ktgt: bytes served now, which a larger `spec.luns[].size` grows live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Quantity>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -340,7 +345,7 @@ pub enum InitiatorNameStrategyType {
 /// Observed members of an InitiatorGroup, filled by the operator from the Nodes its selector
 /// matches. Honoured in standalone files too.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct InitiatorGroupStatus {
     /// Copy of `spec.addresses`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -46,6 +46,8 @@ pub struct ServedTarget {
     pub tid: i32,
     /// LUN numbers served, ascending.
     pub luns: Vec<u16>,
+    /// Bytes each LUN serves now (it grows live with a larger `size`).
+    pub sizes: BTreeMap<u16, u64>,
     pub acl: Acl,
     /// CHAP account names (incoming, then the mutual one); never secrets.
     pub accounts: Vec<String>,
@@ -249,6 +251,10 @@ fn observed(target: &Target, served: &ServedTarget) -> TargetActual {
                         .unwrap_or_else(|| "rdwr".to_owned()),
                 ),
                 bs_opts: spec.and_then(|l| l.bs_opts.clone()),
+                size: served
+                    .sizes
+                    .get(&n)
+                    .map(|b| ktgt_operator::api::Quantity(b.to_string())),
             }
         })
         .collect();

@@ -501,6 +501,14 @@ impl Syncer {
                         .unwrap_or_default(),
                     tid,
                     luns: live.lun_numbers(),
+                    sizes: live
+                        .lun_numbers()
+                        .into_iter()
+                        .filter_map(|n| {
+                            let lu = live.lun(n)?;
+                            Some((n, lu.num_blocks() * u64::from(lu.block_size)))
+                        })
+                        .collect(),
                     acl: tc.acl.clone(),
                     accounts,
                 },

@@ -77,3 +77,18 @@ fn iscsi_name_pattern_agrees_with_examples() {
     // only pin the anchors.
     assert!(ISCSI_NAME_PATTERN.starts_with('^') && ISCSI_NAME_PATTERN.ends_with('$'));
 }
+
+/// A status written by a newer agent (a field this build does not know) still reads: the
+/// operator, the CSI driver and older agents read Targets that agents write.
+#[test]
+fn status_fields_from_a_newer_agent_are_tolerated() {
+    let status: TargetStatus = serde_json::from_value(serde_json::json!({
+        "observedGeneration": 2,
+        "fromTheFuture": true,
+        "observedState": {"iqn": "iqn.2026-11.io.ktgt:x", "luns": [{"lun": 0, "size": "1048576", "newer": 1}]},
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Served", "message": "", "later": "x"}]
+    }))
+    .expect("a newer agent's status");
+    let lun = &status.observed_state.unwrap().luns[0];
+    assert_eq!(lun.size.as_ref().map(|q| q.0.as_str()), Some("1048576"));
+}

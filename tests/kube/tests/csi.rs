@@ -300,9 +300,23 @@ async fn volumes_are_targets_and_publishing_opens_them_to_one_node() {
         .into_inner();
     assert_eq!(r.capacity_bytes, 24 << 20);
     wait_for(
-        "the volume's file grown to 24 MiB",
+        "the volume's file grown to 24 MiB, and the Target's status saying so",
         Duration::from_secs(30),
-        || async { (std::fs::metadata(&file).ok()?.len() == 24 << 20).then_some(()) },
+        || async {
+            let served = targets
+                .get(&id)
+                .await
+                .ok()?
+                .status?
+                .observed_state?
+                .luns
+                .first()?
+                .size
+                .clone()?;
+            (std::fs::metadata(&file).ok()?.len() == 24 << 20
+                && served.0 == (24u64 << 20).to_string())
+            .then_some(())
+        },
         || agent.proc.log_tail(30),
     )
     .await;
