@@ -157,6 +157,9 @@ impl ControllerService {
             )));
         }
         match self.targets().get_opt(id).await.map_err(api_status)? {
+            Some(t) if is_deleting(&t) => {
+                Err(Status::not_found(format!("volume {id} is being deleted")))
+            }
             Some(t) if volume::csi_name(&t).is_some() => Ok(t),
             _ => Err(Status::not_found(format!("volume {id} does not exist"))),
         }
@@ -240,6 +243,11 @@ impl ControllerService {
         nodes.sort();
         Ok(nodes)
     }
+}
+
+/// Whether the Target is being deleted (it waits for the agent's finalizer).
+fn is_deleting(t: &Target) -> bool {
+    t.metadata.deletion_timestamp.is_some()
 }
 
 /// A Kubernetes API failure as a gRPC status.
@@ -467,6 +475,12 @@ impl proto::controller_server::Controller for ControllerService {
 
         // Idempotent: the name maps to one Target.
         if let Some(existing) = self.targets().get_opt(&id).await.map_err(api_status)? {
+            if is_deleting(&existing) {
+                return Err(Status::aborted(format!(
+                    "volume {:?} is still being deleted; retry",
+                    req.name
+                )));
+            }
             return match (volume::csi_name(&existing), volume::capacity(&existing)) {
                 (Some(n), Some(have)) if n == req.name => {
                     let fits = req.capacity_range.as_ref().is_none_or(|r| {
@@ -729,7 +743,14 @@ impl proto::controller_server::Controller for ControllerService {
         request: Request<proto::ListVolumesRequest>,
     ) -> Result<Response<proto::ListVolumesResponse>, Status> {
         let req = request.into_inner();
-        let volumes = self.volumes().await?;
+        // A volume being deleted (its Target waits for the agent's finalizer) is gone for
+        // the CO: DeleteVolume has succeeded.
+        let volumes: Vec<Target> = self
+            .volumes()
+            .await?
+            .into_iter()
+            .filter(|t| !is_deleting(t))
+            .collect();
         let start = if req.starting_token.is_empty() {
             0
         } else {

@@ -30,7 +30,7 @@ async fn volumes_are_targets_and_publishing_opens_them_to_one_node() {
     cp.install_deploy();
     cp.apply_file(&repo_root().join("deploy/csi/controller-rbac.yaml"));
     // The agent deletes a deleted volume's file only under its --csi-volume-dir.
-    let agent = Agent::start_with(cp, "csi", "ktgt-agent", &["--csi-volume-dir", "{dir}/pool"]);
+    let mut agent = Agent::start_with(cp, "csi", "ktgt-agent", &["--csi-volume-dir", "{dir}/pool"]);
     let pool_dir = agent.dir.join("pool");
     std::fs::create_dir_all(&pool_dir).unwrap();
     let socket = agent.dir.join("csi.sock");
@@ -366,6 +366,78 @@ async fn volumes_are_targets_and_publishing_opens_them_to_one_node() {
         "name",
     ]);
     assert!(out.trim().is_empty(), "bindings left behind: {out}");
+
+    // A deleted volume whose Target still waits for the agent's finalizer (the agent is down)
+    // is gone for the CO: not listed, NOT_FOUND, and its name is ABORTED until it is gone
+    // (csi-sanity's ListVolumes spec caught the window once).
+    let doomed_name = unique("pvc");
+    let doomed = ctl
+        .create_volume(create(&doomed_name, 8 << 20, &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    wait_for(
+        "the volume's Target served",
+        Duration::from_secs(30),
+        || async {
+            targets
+                .get_opt(&doomed)
+                .await
+                .ok()??
+                .metadata
+                .finalizers
+                .map(|_| ())
+        },
+        || agent.proc.log_tail(20),
+    )
+    .await;
+    agent.proc.kill();
+    ctl.delete_volume(proto::DeleteVolumeRequest {
+        volume_id: doomed.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let t = targets.get(&doomed).await.unwrap();
+    assert!(
+        t.metadata.deletion_timestamp.is_some(),
+        "the finalizer holds it"
+    );
+    let listed = ctl
+        .list_volumes(proto::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed
+            .entries
+            .iter()
+            .all(|e| e.volume.as_ref().unwrap().volume_id != doomed),
+        "a deleted volume is listed"
+    );
+    let e = ctl
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: doomed.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let e = ctl
+        .create_volume(create(&doomed_name, 8 << 20, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    agent.kill_and_restart();
+    wait_for(
+        "the deleted volume's Target gone once the agent is back",
+        Duration::from_secs(30),
+        || async { targets.get_opt(&doomed).await.ok()?.is_none().then_some(()) },
+        || agent.proc.log_tail(20),
+    )
+    .await;
 
     // CHAP per volume: the controller writes the accounts into Secrets (the agent's keys and
     // kubelet's), the Target requires them, and DeleteVolume removes them.
