@@ -297,6 +297,19 @@ fn run_status(e: RunError) -> Status {
     }
 }
 
+/// Runs `cmd`; a non-zero exit is INTERNAL naming the command line and its last output.
+async fn run_checked(cmd: &Cmd) -> Result<host::Output, Status> {
+    let out = host::run(cmd).await.map_err(run_status)?;
+    if !out.ok() {
+        return Err(Status::internal(format!(
+            "{} failed: {}",
+            cmd.display(),
+            out.tail()
+        )));
+    }
+    Ok(out)
+}
+
 /// A login that failed, as a status.
 fn login_status(code: Option<i32>, addr: &Address, tail: &str) -> Status {
     let what = format!("login to {} at {}", addr.iqn, addr.portal);
@@ -580,28 +593,14 @@ impl NodeService {
             "ext4" => Cmd::new("mkfs.ext4", &["-F", "-m0", "-q", &dev]),
             _ => Cmd::new("mkfs.xfs", &["-q", &dev]),
         };
-        let out = host::run(&cmd).await.map_err(run_status)?;
-        if !out.ok() {
-            return Err(Status::internal(format!(
-                "{} failed: {}",
-                cmd.display(),
-                out.tail()
-            )));
-        }
+        run_checked(&cmd).await?;
         info!(disk = %dev, fs_type, "formatted a blank disk");
         Ok(())
     }
 
     async fn mount(&self, args: &[&str]) -> Result<(), Status> {
         let cmd = Cmd::new("mount", args);
-        let out = host::run(&cmd).await.map_err(run_status)?;
-        if !out.ok() {
-            return Err(Status::internal(format!(
-                "{} failed: {}",
-                cmd.display(),
-                out.tail()
-            )));
-        }
+        run_checked(&cmd).await?;
         Ok(())
     }
 
@@ -898,14 +897,7 @@ impl proto::node_server::Node for NodeService {
                 let dev_s = disk.dev().to_string_lossy().into_owned();
                 let flag = if read_only { "--setro" } else { "--setrw" };
                 let cmd = Cmd::new("blockdev", &[flag, &dev_s]);
-                let out = host::run(&cmd).await.map_err(run_status)?;
-                if !out.ok() {
-                    return Err(Status::internal(format!(
-                        "{} failed: {}",
-                        cmd.display(),
-                        out.tail()
-                    )));
-                }
+                run_checked(&cmd).await?;
                 self.bind(&disk.dev(), &target, read_only).await?;
             }
         }
@@ -1070,14 +1062,7 @@ impl proto::node_server::Node for NodeService {
                         )))
                     }
                 };
-                let out = host::run(&cmd).await.map_err(run_status)?;
-                if !out.ok() {
-                    return Err(Status::internal(format!(
-                        "{} failed: {}",
-                        cmd.display(),
-                        out.tail()
-                    )));
-                }
+                run_checked(&cmd).await?;
                 info!(volume = id, bytes = size, fs = %m.fstype, "filesystem grown");
             }
             Some(m) if m.fstype == "devtmpfs" && rdev_of(&path) == Some(dev) => {
