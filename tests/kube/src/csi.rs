@@ -102,3 +102,48 @@ pub fn create_with(
 pub fn create(name: &str, bytes: i64, params: &[(&str, &str)]) -> proto::CreateVolumeRequest {
     create_with(name, bytes, mount_cap(), params)
 }
+
+/// `ktgt-csi controller` run as ServiceAccount `ktgt-system/ktgt-csi-controller` beside
+/// `agent`, with one pool `name` of `capacity` in `agent.dir/pool` on the agent's node,
+/// reached at `portal` (the agent's own when `None`).
+pub struct Controller {
+    pub proc: crate::Proc,
+    pub socket: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub pool_dir: PathBuf,
+}
+
+pub fn spawn_controller(
+    cp: &crate::ControlPlane,
+    agent: &crate::agent::Agent,
+    name: &str,
+    capacity: &str,
+    portal: Option<&str>,
+) -> Controller {
+    let pool_dir = agent.dir.join("pool");
+    std::fs::create_dir_all(&pool_dir).expect("creating the pool directory");
+    let socket = agent.dir.join("csi.sock");
+    let kubeconfig = cp.service_account_kubeconfig("ktgt-system", "ktgt-csi-controller");
+    let mut cmd = std::process::Command::new(crate::ktgt_bin("ktgt-csi"));
+    cmd.env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info,kube=warn")
+        .args([
+            "controller",
+            "--endpoint",
+            &format!("unix://{}", socket.display()),
+        ])
+        .arg("--pool")
+        .arg(format!(
+            "name={name},node={},path={},capacity={capacity},portal={}",
+            agent.node,
+            pool_dir.display(),
+            portal.unwrap_or(&agent.portal)
+        ));
+    let proc = crate::Proc::spawn(cmd, &agent.dir.join("csi.log"));
+    Controller {
+        proc,
+        socket,
+        kubeconfig,
+        pool_dir,
+    }
+}

@@ -4,7 +4,6 @@
 //! libiscsi: a volume is a Target the agent serves, and publishing it to a node opens it to
 //! that node's initiator name and to no other.
 
-use std::process::Command;
 use std::time::Duration;
 
 use ktgt_csi::proto;
@@ -13,8 +12,8 @@ use ktgt_csi::proto::identity_client::IdentityClient;
 use ktgt_kube_tests::agent::{
     assert_nothing_forbidden, skip_without_libiscsi, Agent, CLIENT, STRANGER,
 };
-use ktgt_kube_tests::csi::{channel, create, mount_cap};
-use ktgt_kube_tests::{iscsi, ktgt_bin, repo_root, unique, wait_for, ControlPlane, Proc};
+use ktgt_kube_tests::csi::{channel, create, mount_cap, spawn_controller, Controller};
+use ktgt_kube_tests::{iscsi, repo_root, unique, wait_for, ControlPlane};
 use ktgt_operator::api::Target;
 use kube::Api;
 use tonic::Code;
@@ -31,26 +30,12 @@ async fn volumes_are_targets_and_publishing_opens_them_to_one_node() {
     cp.apply_file(&repo_root().join("deploy/csi/controller-rbac.yaml"));
     // The agent deletes a deleted volume's file only under its --csi-volume-dir.
     let mut agent = Agent::start_with(cp, "csi", "ktgt-agent", &["--csi-volume-dir", "{dir}/pool"]);
-    let pool_dir = agent.dir.join("pool");
-    std::fs::create_dir_all(&pool_dir).unwrap();
-    let socket = agent.dir.join("csi.sock");
-    let kubeconfig = cp.service_account_kubeconfig("ktgt-system", "ktgt-csi-controller");
-    let mut cmd = Command::new(ktgt_bin("ktgt-csi"));
-    cmd.env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info,kube=warn")
-        .args([
-            "controller",
-            "--endpoint",
-            &format!("unix://{}", socket.display()),
-        ])
-        .arg("--pool")
-        .arg(format!(
-            "name=p1,node={},path={},capacity=64Mi,portal={}",
-            agent.node,
-            pool_dir.display(),
-            agent.portal
-        ));
-    let csi = Proc::spawn(cmd, &agent.dir.join("csi.log"));
+    let Controller {
+        proc: csi,
+        socket,
+        kubeconfig: _,
+        pool_dir,
+    } = spawn_controller(cp, &agent, "p1", "64Mi", None);
     let ch = channel(socket.clone()).await;
     let mut identity = IdentityClient::new(ch.clone());
     let mut ctl = ControllerClient::new(ch);

@@ -13,7 +13,8 @@ use std::time::Duration;
 use ktgt_kube_tests::agent::{
     assert_nothing_forbidden, skip_without_libiscsi, Agent, CLIENT, STRANGER,
 };
-use ktgt_kube_tests::{ktgt_bin, repo_root, unique, wait_for, ControlPlane, Proc};
+use ktgt_kube_tests::csi::{spawn_controller, Controller};
+use ktgt_kube_tests::{repo_root, unique, wait_for, ControlPlane, Proc};
 
 const CSI_USER: &str = "system:serviceaccount:ktgt-system:ktgt-csi-controller";
 
@@ -64,26 +65,12 @@ async fn a_claim_becomes_a_target_that_a_pod_attaches_to_its_node_only() {
         "ktgt-agent",
         &["--csi-volume-dir", "{dir}/pool"],
     );
-    let pool_dir = agent.dir.join("pool");
-    std::fs::create_dir_all(&pool_dir).unwrap();
-    let socket = agent.dir.join("csi.sock");
-    let kubeconfig = cp.service_account_kubeconfig("ktgt-system", "ktgt-csi-controller");
-    let mut cmd = Command::new(ktgt_bin("ktgt-csi"));
-    cmd.env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info,kube=warn")
-        .args([
-            "controller",
-            "--endpoint",
-            &format!("unix://{}", socket.display()),
-        ])
-        .arg("--pool")
-        .arg(format!(
-            "name=chain,node={},path={},capacity=1Gi,portal={}",
-            agent.node,
-            pool_dir.display(),
-            agent.portal
-        ));
-    let csi = Proc::spawn(cmd, &agent.dir.join("csi.log"));
+    let Controller {
+        proc: csi,
+        socket,
+        kubeconfig,
+        pool_dir,
+    } = spawn_controller(cp, &agent, "chain", "1Gi", None);
     wait_for(
         "the controller's socket",
         Duration::from_secs(20),

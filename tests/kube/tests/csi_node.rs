@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use ktgt_csi::proto::{self, controller_client::ControllerClient};
 use ktgt_kube_tests::agent::{assert_nothing_forbidden, Agent};
-use ktgt_kube_tests::csi::{channel, create};
-use ktgt_kube_tests::{ktgt_bin, repo_root, wait_for, ControlPlane, Proc};
+use ktgt_kube_tests::csi::{channel, create, spawn_controller, Controller};
+use ktgt_kube_tests::{ktgt_bin, repo_root, wait_for, ControlPlane};
 
 const CSI_USER: &str = "system:serviceaccount:ktgt-system:ktgt-csi-controller";
 const GUEST_INITIATOR: &str = "iqn.2004-10.org.example:csi-node";
@@ -105,26 +105,12 @@ async fn the_node_service_stages_and_publishes_on_a_real_initiator_and_passes_cs
         "ktgt-agent",
         &["--csi-volume-dir", "{dir}/pool"],
     );
-    let pool_dir = agent.dir.join("pool");
-    std::fs::create_dir_all(&pool_dir).unwrap();
-    let socket = agent.dir.join("csi.sock");
-    let kubeconfig = cp.service_account_kubeconfig("ktgt-system", "ktgt-csi-controller");
-    let mut cmd = Command::new(ktgt_bin("ktgt-csi"));
-    cmd.env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info,kube=warn")
-        .args([
-            "controller",
-            "--endpoint",
-            &format!("unix://{}", socket.display()),
-        ])
-        .arg("--pool")
-        // The guest reaches the agent's portal at 10.0.2.100:3260 (QEMU's forwarding).
-        .arg(format!(
-            "name=vm,node={},path={},capacity=4Gi,portal=10.0.2.100:3260",
-            agent.node,
-            pool_dir.display()
-        ));
-    let csi = Proc::spawn(cmd, &agent.dir.join("csi.log"));
+    let Controller {
+        proc: csi,
+        socket,
+        kubeconfig: _,
+        pool_dir,
+    } = spawn_controller(cp, &agent, "vm", "4Gi", Some("10.0.2.100:3260"));
     wait_for(
         "the controller's socket",
         Duration::from_secs(20),
