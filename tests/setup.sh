@@ -35,7 +35,7 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok instal
 # --- apt packages -------------------------------------------------------------------------
 want=(libiscsi-bin libiscsi7 iproute2)   # iproute2: ss, used to find free ports
 ((with_vm)) && want+=(qemu-system-x86 socat cpio kmod gzip)
-((with_kube)) && want+=(openssl curl python3)
+((with_kube)) && want+=(openssl curl python3 xfsprogs)   # xfsprogs: the CSI tests' reflink pool (mkfs.xfs)
 ((with_tgt)) && want+=(tgt)
 ((with_capture)) && want+=(tcpdump)
 ((with_perf)) && want+=(iperf3 time)   # time: /usr/bin/time for client CPU (tests/perf)

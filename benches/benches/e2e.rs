@@ -69,6 +69,7 @@ fn desired() -> DesiredState {
         read_only: false,
         direct: false,
         create_size: None,
+        clone_from: None,
         serial: None,
     };
     let target = TargetConfig {

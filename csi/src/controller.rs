@@ -22,10 +22,11 @@ use kube::{Api, Client, ResourceExt};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use ktgt_operator::api::{InitiatorGroup, InitiatorGroupBinding, Target};
+use ktgt_operator::api::{InitiatorGroup, InitiatorGroupBinding, Target, TargetSnapshot};
 
 use crate::pools::{Pool, Pools};
 use crate::proto::{self, controller_service_capability, volume_capability};
+use crate::snapshot::{self, CloneState, Source};
 use crate::volume::{self, ANNOTATION_INITIATOR, LABEL_MANAGED, LABEL_VOLUME};
 
 /// Field manager of the driver's server-side applies.
@@ -35,6 +36,20 @@ pub const MANAGER: &str = "ktgt-csi";
 pub const DEFAULT_BYTES: u64 = 1 << 30;
 /// Sizes are whole MiB (a multiple of every block size the LUN may have).
 pub const GRANULE: u64 = 1 << 20;
+/// How long CreateVolume waits for the agent to make a cloned volume's copy.
+const CLONE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+/// How long CreateSnapshot waits for the agent to make the copy before answering "not ready".
+const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Poll period of those waits.
+const POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// What a new volume is copied from.
+struct CloneSource {
+    file: String,
+    pool: String,
+    bytes: u64,
+}
+
 /// The iSCSI port of a pool whose portal is not given.
 pub const ISCSI_PORT: u16 = 3260;
 
@@ -137,6 +152,164 @@ impl ControllerService {
         Api::all(self.client.clone())
     }
 
+    /// Deletes volume `id`'s objects: access first, then the Target (the agent logs out
+    /// whoever is still attached and, when the Target is gone, deletes its file), then its
+    /// CHAP Secrets.
+    async fn remove_volume(&self, id: &str) -> Result<(), Status> {
+        let bindings = self
+            .bindings()
+            .list(&ListParams::default().labels(&format!("{LABEL_VOLUME}={id}")))
+            .await
+            .map_err(api_status)?;
+        for b in bindings.items {
+            delete_ignoring_absent(&self.bindings(), &b.name_any()).await?;
+        }
+        match self.targets().get_opt(id).await.map_err(api_status)? {
+            Some(t) if volume::csi_name(&t).is_some() => {
+                delete_ignoring_absent(&self.targets(), id).await?;
+                info!(volume_id = %id, "volume deleted");
+            }
+            Some(_) => {
+                return Err(Status::failed_precondition(format!(
+                    "Target {id} was not made by this driver; not deleting it"
+                )))
+            }
+            None => {}
+        }
+        // Its CHAP Secrets, found by label (also those of a CreateVolume that failed after
+        // writing them).
+        let secrets = self
+            .secrets()
+            .list(&ListParams::default().labels(&format!("{LABEL_VOLUME}={id}")))
+            .await
+            .map_err(api_status)?;
+        for s in secrets.items {
+            delete_ignoring_absent(&self.secrets(), &s.name_any()).await?;
+        }
+        Ok(())
+    }
+
+    fn snapshots(&self) -> Api<TargetSnapshot> {
+        Api::all(self.client.clone())
+    }
+
+    /// The file, pool and size a new volume is copied from, or the CSI error for a source
+    /// that cannot be used: NOT_FOUND when it does not exist (CSI v1.12, CreateVolume errors:
+    /// "Source does not exist"), ABORTED while a snapshot is still being made.
+    async fn clone_source(&self, source: &Source) -> Result<CloneSource, Status> {
+        match source {
+            Source::Volume(id) => {
+                let t = self.volume(id).await?;
+                let file = t
+                    .spec
+                    .luns
+                    .iter()
+                    .find(|l| l.lun == volume::LUN)
+                    .and_then(|l| l.backing_store.clone())
+                    .ok_or_else(|| Status::internal(format!("volume {id} has no LUN 0 file")))?;
+                Ok(CloneSource {
+                    file,
+                    pool: volume::pool_of(&t).unwrap_or_default().to_owned(),
+                    bytes: volume::capacity(&t).unwrap_or(0),
+                })
+            }
+            Source::Snapshot(id) => {
+                let s = self.snapshot(id).await?;
+                if !snapshot::is_ready(&s) {
+                    return Err(match snapshot::failure(&s) {
+                        Some((reason, message)) => Status::failed_precondition(format!(
+                            "snapshot {id} could not be made ({reason}): {message}"
+                        )),
+                        None => Status::aborted(format!("snapshot {id} is not ready yet; retry")),
+                    });
+                }
+                Ok(CloneSource {
+                    file: s.spec.path.clone(),
+                    pool: s
+                        .labels()
+                        .get(volume::LABEL_POOL)
+                        .cloned()
+                        .unwrap_or_default(),
+                    bytes: snapshot::size(&s).unwrap_or(0),
+                })
+            }
+        }
+    }
+
+    /// Waits until the agent has made cloned volume `id`'s copy and serves it. A copy that
+    /// cannot be made deletes the volume (nothing is left half-made) and answers
+    /// FAILED_PRECONDITION when the filesystem cannot reflink, INTERNAL otherwise; a copy not
+    /// made within [`CLONE_WAIT`] answers ABORTED (the CO retries, and finds the volume).
+    async fn wait_for_clone(&self, id: &str) -> Result<Target, Status> {
+        let deadline = tokio::time::Instant::now() + CLONE_WAIT;
+        loop {
+            let t = self.volume(id).await?;
+            match snapshot::clone_state(&t) {
+                CloneState::Served => return Ok(t),
+                CloneState::Failed { reason, message } => {
+                    self.remove_volume(id).await?;
+                    warn!(volume_id = %id, %reason, %message, "the copy could not be made; volume deleted");
+                    let text =
+                        format!("the copy for volume {id} could not be made ({reason}): {message}");
+                    return Err(if reason == "CloneUnsupported" {
+                        Status::failed_precondition(text)
+                    } else {
+                        Status::internal(text)
+                    });
+                }
+                CloneState::Pending if tokio::time::Instant::now() >= deadline => {
+                    return Err(Status::aborted(format!(
+                        "volume {id}: the agent of node {} has not made the copy yet; retry",
+                        t.spec.node_name.as_deref().unwrap_or("?")
+                    )))
+                }
+                CloneState::Pending => tokio::time::sleep(POLL).await,
+            }
+        }
+    }
+
+    /// A managed TargetSnapshot by id, or NOT_FOUND.
+    async fn snapshot(&self, id: &str) -> Result<TargetSnapshot, Status> {
+        if !snapshot::is_snapshot_id(id) {
+            return Err(Status::not_found(format!(
+                "snapshot {id:?} does not exist (not an id this driver makes)"
+            )));
+        }
+        match self.snapshots().get_opt(id).await.map_err(api_status)? {
+            Some(s) if s.metadata.deletion_timestamp.is_some() => {
+                Err(Status::not_found(format!("snapshot {id} is being deleted")))
+            }
+            Some(s) if snapshot::csi_name(&s).is_some() => Ok(s),
+            _ => Err(Status::not_found(format!("snapshot {id} does not exist"))),
+        }
+    }
+
+    /// Waits up to [`SNAPSHOT_WAIT`] for the agent to make snapshot `id`'s copy. A copy the
+    /// agent cannot make at all (the filesystem cannot reflink, a bad spec) deletes the
+    /// object and answers FAILED_PRECONDITION; one still pending is returned not ready (the
+    /// CO asks again: CSI v1.12, CreateSnapshot, "ready_to_use").
+    async fn wait_for_snapshot(&self, id: &str) -> Result<TargetSnapshot, Status> {
+        let deadline = tokio::time::Instant::now() + SNAPSHOT_WAIT;
+        loop {
+            let s = self.snapshot(id).await?;
+            if snapshot::is_ready(&s) {
+                return Ok(s);
+            }
+            if let Some((reason, message)) = snapshot::failure(&s) {
+                if matches!(reason, "CloneUnsupported" | "InvalidSpec") {
+                    let text = format!("snapshot {id} could not be made ({reason}): {message}");
+                    delete_ignoring_absent(&self.snapshots(), id).await?;
+                    warn!(snapshot_id = %id, %reason, %message, "snapshot could not be made; deleted");
+                    return Err(Status::failed_precondition(text));
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(s);
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// The driver's volume Targets.
     async fn volumes(&self) -> Result<Vec<Target>, Status> {
         let list = self
@@ -224,6 +397,9 @@ impl ControllerService {
             capacity_bytes: volume::capacity(t).map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)),
             volume_id: id,
             volume_context: context,
+            // CSI v1.12, Volume.content_source: "If specified, indicates that the volume is
+            // not empty and is pre-populated".
+            content_source: Source::of(t).map(|s| s.message()),
             ..Default::default()
         }
     }
@@ -432,12 +608,15 @@ impl proto::controller_server::Controller for ControllerService {
             return Err(Status::invalid_argument("name missing"));
         }
         check_capabilities(&req.volume_capabilities)?;
-        if req.volume_content_source.is_some() {
-            return Err(Status::invalid_argument(
-                "volume_content_source: creating a volume from a snapshot or another volume is not supported",
-            ));
-        }
-        let mut pool_name = None;
+        let source = match &req.volume_content_source {
+            None => None,
+            Some(s) => Some(Source::from_request(s).ok_or_else(|| {
+                Status::invalid_argument(
+                    "volume_content_source names neither a snapshot nor a volume",
+                )
+            })?),
+        };
+        let mut pool_name: Option<&str> = None;
         let mut block_size = None;
         let mut chap = volume::ChapMode::None;
         for (k, v) in &req.parameters {
@@ -470,8 +649,36 @@ impl proto::controller_server::Controller for ControllerService {
                 }
             }
         }
-        let bytes = size_for(req.capacity_range.as_ref())?;
+        let mut bytes = size_for(req.capacity_range.as_ref())?;
         let id = volume::target_name(&req.name);
+        // A copy is made on its source's filesystem: the source's pool, at least its size.
+        let clone = match &source {
+            None => None,
+            Some(src) => {
+                let c = self.clone_source(src).await?;
+                if let Some(p) = pool_name.filter(|p| *p != c.pool) {
+                    return Err(Status::invalid_argument(format!(
+                        "parameter pool: {p:?}, but the source is in pool {:?}, and a copy is made on its source's filesystem",
+                        c.pool
+                    )));
+                }
+                let floor = c.bytes.div_ceil(GRANULE).saturating_mul(GRANULE);
+                let limit = req
+                    .capacity_range
+                    .as_ref()
+                    .map_or(0, |r| r.limit_bytes.max(0) as u64);
+                if req.capacity_range.is_none() || bytes < floor {
+                    bytes = floor;
+                }
+                if limit != 0 && bytes > limit {
+                    return Err(Status::out_of_range(format!(
+                        "capacity_range: the source has {} bytes, more than limit_bytes {limit}; a copy cannot be smaller than its source",
+                        c.bytes
+                    )));
+                }
+                Some(c)
+            }
+        };
 
         // Idempotent: the name maps to one Target.
         if let Some(existing) = self.targets().get_opt(&id).await.map_err(api_status)? {
@@ -493,8 +700,18 @@ impl proto::controller_server::Controller for ControllerService {
                             req.name
                         )));
                     }
+                    if Source::of(&existing) != source {
+                        return Err(Status::already_exists(format!(
+                            "volume {:?} exists with another content source",
+                            req.name
+                        )));
+                    }
+                    let t = match source {
+                        Some(_) => self.wait_for_clone(&id).await?,
+                        None => existing,
+                    };
                     Ok(Response::new(proto::CreateVolumeResponse {
-                        volume: Some(Self::volume_message(&existing)),
+                        volume: Some(Self::volume_message(&t)),
                     }))
                 }
                 _ => Err(Status::already_exists(format!(
@@ -505,6 +722,7 @@ impl proto::controller_server::Controller for ControllerService {
         }
 
         let volumes = self.volumes().await?;
+        let pool_name = clone.as_ref().map(|c| c.pool.as_str()).or(pool_name);
         let pool = match pool_name {
             Some(p) => {
                 let pool = self.pools.get(p).ok_or_else(|| {
@@ -539,6 +757,9 @@ impl proto::controller_server::Controller for ControllerService {
         };
 
         let mut target = volume::target(&req.name, pool, bytes, block_size);
+        if let (Some(src), Some(c)) = (&source, &clone) {
+            snapshot::clone_into(&mut target, src, &c.file);
+        }
         if chap != volume::ChapMode::None {
             // The Secrets first: the agent serves the Target only with its accounts.
             self.ensure_chap_secrets(&id, &req.name, chap).await?;
@@ -546,7 +767,12 @@ impl proto::controller_server::Controller for ControllerService {
         }
         match self.targets().create(&PostParams::default(), &target).await {
             Ok(t) => {
-                info!(volume = %req.name, volume_id = %id, pool = %pool.name, bytes, "volume created");
+                info!(volume = %req.name, volume_id = %id, pool = %pool.name, bytes,
+                    source = ?source, "volume created");
+                let t = match source {
+                    Some(_) => self.wait_for_clone(&id).await?,
+                    None => t,
+                };
                 Ok(Response::new(proto::CreateVolumeResponse {
                     volume: Some(Self::volume_message(&t)),
                 }))
@@ -573,38 +799,7 @@ impl proto::controller_server::Controller for ControllerService {
             // succeeds).
             return Ok(Response::new(proto::DeleteVolumeResponse {}));
         }
-        // Access first, then the Target: the agent logs out whoever is still attached and,
-        // when the Target is gone, deletes its file.
-        let bindings = self
-            .bindings()
-            .list(&ListParams::default().labels(&format!("{LABEL_VOLUME}={id}")))
-            .await
-            .map_err(api_status)?;
-        for b in bindings.items {
-            delete_ignoring_absent(&self.bindings(), &b.name_any()).await?;
-        }
-        match self.targets().get_opt(&id).await.map_err(api_status)? {
-            Some(t) if volume::csi_name(&t).is_some() => {
-                delete_ignoring_absent(&self.targets(), &id).await?;
-                info!(volume_id = %id, "volume deleted");
-            }
-            Some(_) => {
-                return Err(Status::failed_precondition(format!(
-                    "Target {id} was not made by this driver; not deleting it"
-                )))
-            }
-            None => {}
-        }
-        // Its CHAP Secrets, found by label (also those of a CreateVolume that failed after
-        // writing them).
-        let secrets = self
-            .secrets()
-            .list(&ListParams::default().labels(&format!("{LABEL_VOLUME}={id}")))
-            .await
-            .map_err(api_status)?;
-        for s in secrets.items {
-            delete_ignoring_absent(&self.secrets(), &s.name_any()).await?;
-        }
+        self.remove_volume(&id).await?;
         Ok(Response::new(proto::DeleteVolumeResponse {}))
     }
 
@@ -751,29 +946,8 @@ impl proto::controller_server::Controller for ControllerService {
             .into_iter()
             .filter(|t| !is_deleting(t))
             .collect();
-        let start = if req.starting_token.is_empty() {
-            0
-        } else {
-            match req.starting_token.parse::<usize>() {
-                Ok(n) if n <= volumes.len() => n,
-                _ => {
-                    return Err(Status::aborted(format!(
-                        "starting_token {:?} is not one ListVolumes returned (or the list shrank past it)",
-                        req.starting_token
-                    )))
-                }
-            }
-        };
-        if req.max_entries < 0 {
-            return Err(Status::invalid_argument("max_entries must not be negative"));
-        }
-        let max = if req.max_entries == 0 {
-            usize::MAX
-        } else {
-            req.max_entries as usize
-        };
-        let page: Vec<&Target> = volumes.iter().skip(start).take(max).collect();
-        let next = start + page.len();
+        let (range, next_token) = page(volumes.len(), &req.starting_token, req.max_entries)?;
+        let page = &volumes[range];
         let mut entries = Vec::with_capacity(page.len());
         for t in page {
             let published = self.published_to(&t.name_any()).await?;
@@ -787,11 +961,7 @@ impl proto::controller_server::Controller for ControllerService {
         }
         Ok(Response::new(proto::ListVolumesResponse {
             entries,
-            next_token: if next < volumes.len() {
-                next.to_string()
-            } else {
-                String::new()
-            },
+            next_token,
         }))
     }
 
@@ -837,6 +1007,9 @@ impl proto::controller_server::Controller for ControllerService {
             rpc::Type::GetCapacity,
             rpc::Type::GetVolume,
             rpc::Type::ExpandVolume,
+            rpc::Type::CreateDeleteSnapshot,
+            rpc::Type::ListSnapshots,
+            rpc::Type::CloneVolume,
         ]
         .into_iter()
         .map(|t| proto::ControllerServiceCapability {
@@ -869,20 +1042,135 @@ impl proto::controller_server::Controller for ControllerService {
 
     async fn create_snapshot(
         &self,
-        _: Request<proto::CreateSnapshotRequest>,
+        request: Request<proto::CreateSnapshotRequest>,
     ) -> Result<Response<proto::CreateSnapshotResponse>, Status> {
-        Err(Status::unimplemented(
-            "snapshots are not supported (no CREATE_DELETE_SNAPSHOT capability)",
-        ))
+        let req = request.into_inner();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("name missing"));
+        }
+        if req.source_volume_id.is_empty() {
+            return Err(Status::invalid_argument("source_volume_id missing"));
+        }
+        if let Some(k) = req
+            .parameters
+            .keys()
+            .find(|k| !k.starts_with("csi.storage.k8s.io/"))
+        {
+            return Err(Status::invalid_argument(format!(
+                "unknown parameter {k:?}; snapshots take none"
+            )));
+        }
+        let id = snapshot::snapshot_id(&req.name);
+        if let Some(existing) = self.snapshots().get_opt(&id).await.map_err(api_status)? {
+            if existing.metadata.deletion_timestamp.is_some() {
+                return Err(Status::aborted(format!(
+                    "snapshot {:?} is still being deleted; retry",
+                    req.name
+                )));
+            }
+            // CSI v1.12, CreateSnapshot errors: "Snapshot already exists but is incompatible
+            // ... with the specified volume_id": ALREADY_EXISTS.
+            if snapshot::csi_name(&existing) != Some(req.name.as_str())
+                || snapshot::source_volume(&existing) != req.source_volume_id
+            {
+                return Err(Status::already_exists(format!(
+                    "snapshot {:?} exists and is a copy of volume {}, not of {}",
+                    req.name,
+                    snapshot::source_volume(&existing),
+                    req.source_volume_id
+                )));
+            }
+        } else {
+            let source = self.volume(&req.source_volume_id).await?;
+            let object = snapshot::snapshot(&req.name, &source).ok_or_else(|| {
+                Status::internal(format!(
+                    "volume {} has no node or no LUN 0 file",
+                    req.source_volume_id
+                ))
+            })?;
+            match self
+                .snapshots()
+                .create(&PostParams::default(), &object)
+                .await
+            {
+                Ok(_) => {
+                    info!(snapshot = %req.name, snapshot_id = %id, volume_id = %req.source_volume_id, "snapshot asked for")
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    return Err(Status::aborted(format!(
+                        "snapshot {:?} is being created by a concurrent call; retry",
+                        req.name
+                    )))
+                }
+                Err(e) => return Err(api_status(e)),
+            }
+        }
+        let s = self.wait_for_snapshot(&id).await?;
+        Ok(Response::new(proto::CreateSnapshotResponse {
+            snapshot: Some(snapshot::message(&s)),
+        }))
     }
 
     async fn delete_snapshot(
         &self,
-        _: Request<proto::DeleteSnapshotRequest>,
+        request: Request<proto::DeleteSnapshotRequest>,
     ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
-        Err(Status::unimplemented(
-            "snapshots are not supported (no CREATE_DELETE_SNAPSHOT capability)",
-        ))
+        let id = request.into_inner().snapshot_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("snapshot_id missing"));
+        }
+        // CSI v1.12, DeleteSnapshot: "If a snapshot corresponding to the specified
+        // snapshot_id does not exist ... the Plugin MUST reply 0 OK". A copy is independent
+        // of the volumes cloned from it (their extents are their own), so it is never in use.
+        if snapshot::is_snapshot_id(&id) {
+            match self.snapshots().get_opt(&id).await.map_err(api_status)? {
+                Some(s) if snapshot::csi_name(&s).is_some() => {
+                    delete_ignoring_absent(&self.snapshots(), &id).await?;
+                    info!(snapshot_id = %id, "snapshot deleted");
+                }
+                Some(_) => {
+                    return Err(Status::failed_precondition(format!(
+                        "TargetSnapshot {id} was not made by this driver; not deleting it"
+                    )))
+                }
+                None => {}
+            }
+        }
+        Ok(Response::new(proto::DeleteSnapshotResponse {}))
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<proto::ListSnapshotsRequest>,
+    ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
+        let req = request.into_inner();
+        let list = self
+            .snapshots()
+            .list(&ListParams::default().labels(&format!("{LABEL_MANAGED}=true")))
+            .await
+            .map_err(api_status)?;
+        // A snapshot being deleted is gone for the CO, as a volume is.
+        let mut items: Vec<TargetSnapshot> = list
+            .items
+            .into_iter()
+            .filter(|s| s.metadata.deletion_timestamp.is_none())
+            .filter(|s| req.snapshot_id.is_empty() || s.name_any() == req.snapshot_id)
+            .filter(|s| {
+                req.source_volume_id.is_empty()
+                    || snapshot::source_volume(s) == req.source_volume_id
+            })
+            .collect();
+        items.sort_by_key(|s| s.name_any());
+        let (range, next_token) = page(items.len(), &req.starting_token, req.max_entries)?;
+        Ok(Response::new(proto::ListSnapshotsResponse {
+            entries: items[range]
+                .iter()
+                .map(|s| proto::list_snapshots_response::Entry {
+                    snapshot: Some(snapshot::message(s)),
+                })
+                .collect(),
+            next_token,
+        }))
     }
 
     async fn get_snapshot(
@@ -891,15 +1179,6 @@ impl proto::controller_server::Controller for ControllerService {
     ) -> Result<Response<proto::GetSnapshotResponse>, Status> {
         Err(Status::unimplemented(
             "snapshots are not supported (no GET_SNAPSHOT capability)",
-        ))
-    }
-
-    async fn list_snapshots(
-        &self,
-        _: Request<proto::ListSnapshotsRequest>,
-    ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
-        Err(Status::unimplemented(
-            "snapshots are not supported (no LIST_SNAPSHOTS capability)",
         ))
     }
 
@@ -963,6 +1242,44 @@ impl proto::controller_server::Controller for ControllerService {
             "volume modification is not supported (no MODIFY_VOLUME capability)",
         ))
     }
+}
+
+/// The slice of a sorted list of `len` entries that a List call with `token` and
+/// `max_entries` returns, and the token of the next page (empty at the end). The token is the
+/// index of the next entry. CSI v1.12, ListVolumes / ListSnapshots errors: "Invalid
+/// starting_token: 10 ABORTED".
+fn page(
+    len: usize,
+    token: &str,
+    max_entries: i32,
+) -> Result<(std::ops::Range<usize>, String), Status> {
+    let start = if token.is_empty() {
+        0
+    } else {
+        match token.parse::<usize>() {
+            Ok(n) if n <= len => n,
+            _ => {
+                return Err(Status::aborted(format!(
+                    "starting_token {token:?} is not one this driver returned (or the list shrank past it)"
+                )))
+            }
+        }
+    };
+    if max_entries < 0 {
+        return Err(Status::invalid_argument("max_entries must not be negative"));
+    }
+    let max = if max_entries == 0 {
+        usize::MAX
+    } else {
+        max_entries as usize
+    };
+    let end = start.saturating_add(max).min(len);
+    let next = if end < len {
+        end.to_string()
+    } else {
+        String::new()
+    };
+    Ok((start..end, next))
 }
 
 async fn delete_ignoring_absent<K>(api: &Api<K>, name: &str) -> Result<(), Status>

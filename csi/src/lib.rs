@@ -6,6 +6,7 @@
 //! - [`proto`]: the CSI spec's messages and services (`proto/csi.proto`, CSI v1.12.0).
 //! - [`pools`]: where volumes are made: `--pool name=…,node=…,path=…,capacity=…`.
 //! - [`volume`]: the mapping between a CSI volume and its Target (names, labels, the spec).
+//! - [`snapshot`]: snapshots (TargetSnapshots: reflink copies) and volumes cloned from them.
 //! - [`controller`]: the Identity and Controller services on top of the Kubernetes API.
 //! - [`node`]: the Identity and Node services: iscsiadm login, mkfs, mount on each node.
 //! - [`host`]: what the node service reads (sysfs, mountinfo, blkid) and runs.
@@ -25,6 +26,7 @@ pub mod endpoint;
 pub mod host;
 pub mod node;
 pub mod pools;
+pub mod snapshot;
 pub mod volume;
 
 /// The CSI spec's generated messages and services (package `csi.v1`).

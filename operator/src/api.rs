@@ -166,6 +166,13 @@ pub struct TargetLun {
     /// ktgt: open with O_DIRECT (same as `bsOpts: bsoflags=direct`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct: Option<bool>,
+    /// ktgt: a missing backing file is created as a reflink copy of this file (on the same
+    /// filesystem: XFS with reflink, or btrfs), grown to `size` when that is larger. Never a
+    /// data copy: where the filesystem cannot reflink, the LUN fails with reason
+    /// `CloneUnsupported`. Ignored once the file exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub clone_from: Option<String>,
 }
 
 /// ktgt: CHAP settings of a Target. Credentials come from Secrets with keys `username` and
@@ -409,6 +416,78 @@ pub struct TargetReference {
 pub struct InitiatorGroupReference {
     #[schemars(length(min = 1))]
     pub name: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// TargetSnapshot (ktgt)
+
+/// Finalizer of a TargetSnapshot: the agent of `spec.nodeName` removes it once the copy's
+/// file is deleted (or kept, see [`TargetSnapshotSpec::path`]).
+pub const SNAPSHOT_FINALIZER: &str = "snapshot.tgtd.unstable.cloud/cleanup";
+
+/// ktgt: a point-in-time copy of one LUN of a Target, made by the agent of the Target's node
+/// as a reflink copy of the LUN's file (no data is copied; see `docs/csi.md`). Not served: a
+/// Target whose LUN has `cloneFrom: <path>` serves a writable copy of it.
+#[derive(CustomResource, KubeSchema, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "tgtd.unstable.cloud",
+    version = "v1alpha1",
+    kind = "TargetSnapshot",
+    doc = "ktgt: a point-in-time reflink copy of one LUN of a Target, made on the Target's node.",
+    shortname = "tgtsnap",
+    status = "TargetSnapshotStatus",
+    derive = "PartialEq",
+    printcolumn(name = "Node", type_ = "string", json_path = ".spec.nodeName"),
+    printcolumn(name = "Target", type_ = "string", json_path = ".spec.targetRef.name"),
+    printcolumn(name = "LUN", type_ = "integer", json_path = ".spec.lun"),
+    printcolumn(name = "Ready", type_ = "boolean", json_path = ".status.readyToUse"),
+    printcolumn(name = "Size", type_ = "string", json_path = ".status.size"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("self == oldSelf").message("a TargetSnapshot's spec is immutable; delete it and create another"))]
+pub struct TargetSnapshotSpec {
+    /// The node whose agent makes (and deletes) the copy: the Target's `nodeName`.
+    #[schemars(length(min = 1))]
+    pub node_name: String,
+    /// The Target whose LUN is copied.
+    pub target_ref: TargetReference,
+    /// The LUN copied.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 16383))]
+    pub lun: i32,
+    /// Absolute path of the copy on that node, on the LUN file's filesystem; must not exist.
+    /// Deleted with the object only when it lies under the agent's `--csi-volume-dir` and
+    /// the object is annotated `csi.ktgt.io/delete-backing-store: "true"`.
+    #[schemars(length(min = 2), regex(pattern = r"^/"))]
+    pub path: String,
+}
+
+/// What the agent made. Unknown fields are accepted (a newer agent may add some).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetSnapshotStatus {
+    /// The copy exists and a LUN may be cloned from it.
+    #[serde(default)]
+    pub ready_to_use: bool,
+    /// Bytes of the copy (the LUN's size when it was taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Quantity>,
+    /// When the copy was made (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_time: Option<String>,
+    /// `Ready`: `True` (reason `Created`), or `False` with why (`SourceNotFound`,
+    /// `CloneUnsupported`, `CopyFailed`, `FileMissing`, `InvalidSpec`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<TargetCondition>,
+    /// The `metadata.generation` the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 // ---------------------------------------------------------------------------------------------

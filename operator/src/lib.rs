@@ -4,7 +4,8 @@
 //!
 //! # Layout
 //!
-//! - [`api`]: the resources (`Target`, `InitiatorGroup`, `InitiatorGroupBinding`), their
+//! - [`api`]: the resources (`Target`, `InitiatorGroup`, `InitiatorGroupBinding`, and ktgt's
+//!   `TargetSnapshot`), their
 //!   specs and statuses, and the standalone-file forms in [`api::document`].
 //! - [`crds`] and friends: what the `crdgen` binary prints into `deploy/crds/`.
 //! - [`initiator_group`]: the operator's controller (status from Nodes) and its pure core.
@@ -31,6 +32,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         api::Target::crd(),
         api::InitiatorGroup::crd(),
         api::InitiatorGroupBinding::crd(),
+        api::TargetSnapshot::crd(),
     ]
 }
 

@@ -99,7 +99,7 @@ fn kubectl_kustomize_renders() {
     let rendered = String::from_utf8(out.stdout).unwrap();
     assert_eq!(
         rendered.matches("kind: CustomResourceDefinition").count(),
-        3
+        4
     );
     assert!(rendered.contains("kind: DaemonSet"));
     assert!(rendered.contains("image: ktgt:latest"));

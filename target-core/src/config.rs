@@ -41,6 +41,9 @@ pub struct LunConfig {
     pub direct: bool,
     /// For files: create the file sparse at this size if it does not exist.
     pub create_size: Option<u64>,
+    /// For files: create a missing file as a reflink copy of this one (grown to
+    /// `create_size`) instead of empty; fails where the filesystem cannot reflink.
+    pub clone_from: Option<PathBuf>,
     /// Product serial number override; by default derived from target IQN and LUN.
     pub serial: Option<String>,
 }

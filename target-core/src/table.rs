@@ -542,6 +542,7 @@ impl TargetTable {
                     direct: lc.direct,
                     read_only: lc.read_only,
                     create_size: lc.create_size,
+                    clone_from: lc.clone_from.clone(),
                     block_size: lc.block_size,
                     engine,
                 };

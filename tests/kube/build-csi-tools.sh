@@ -39,35 +39,50 @@ else
   fi
   go_ok "$GO" || { echo "kube/build-csi-tools.sh: $GO is not a Go >= 1.26" >&2; exit 1; }
 fi
-# bin  module (its version is read from csi-tools/<bin>/go.mod)  package  version variable
-# (the variable upstream's Makefiles set: release-tools' `-X main.version=$(REV)`; csi-sanity's
-# own Makefile sets VERSION).
+# bin  module directory under csi-tools/  module (its version is read from that go.mod)  package
+# version variable (the variable upstream's Makefiles set: release-tools' `-X main.version=$(REV)`;
+# csi-sanity's own Makefile sets VERSION).
 tools=(
-  "csi-sanity github.com/kubernetes-csi/csi-test/v5 cmd/csi-sanity main.VERSION"
-  "csi-provisioner github.com/kubernetes-csi/external-provisioner/v6 cmd/csi-provisioner main.version"
-  "csi-attacher github.com/kubernetes-csi/external-attacher/v4 cmd/csi-attacher main.version"
-  "csi-resizer github.com/kubernetes-csi/external-resizer/v2 cmd/csi-resizer main.version"
+  "csi-sanity csi-sanity github.com/kubernetes-csi/csi-test/v5 cmd/csi-sanity main.VERSION"
+  "csi-provisioner csi-provisioner github.com/kubernetes-csi/external-provisioner/v6 cmd/csi-provisioner main.version"
+  "csi-attacher csi-attacher github.com/kubernetes-csi/external-attacher/v4 cmd/csi-attacher main.version"
+  "csi-resizer csi-resizer github.com/kubernetes-csi/external-resizer/v2 cmd/csi-resizer main.version"
+  "csi-snapshotter csi-snapshotter github.com/kubernetes-csi/external-snapshotter/v8 cmd/csi-snapshotter main.version"
+  "snapshot-controller csi-snapshotter github.com/kubernetes-csi/external-snapshotter/v8 cmd/snapshot-controller main.version"
 )
-# The key: the pins, and the build recipe's version (bump it when the flags below change).
+# Each binary is cached on its own, keyed by its module's pins and the build recipe's version (bump
+# it when the flags below change): adding a tool or moving one pin rebuilds only what it changes.
 recipe=1
-key=$( (for t in "${tools[@]}"; do set -- $t; cat "$mods/$1/go.mod" "$mods/$1/go.sum"; done
-        echo "recipe $recipe") | sha256sum | cut -c1-12)
-bin=${KUBE_CSI_BIN_DIR:-$root/target/kube/csi-tools/$key}
-ok=1
-for t in "${tools[@]}"; do set -- $t; [ -x "$bin/$1" ] || ok=0; done
-if ((ok)); then echo "$bin"; exit 0; fi
-rm -rf "$bin.tmp"; mkdir -p "$bin.tmp"
-t0=$(date +%s)
+cache=${KUBE_CSI_CACHE_DIR:-$root/target/kube/csi-tools}
+bin=$cache/bin
+mkdir -p "$bin"
 export CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly -trimpath"
-echo "[csi-tools] building ${#tools[@]} CSI test components into $bin" >&2
+t0=$(date +%s) built=0
 for t in "${tools[@]}"; do
   set -- $t
-  name=$1 mod=$2 pkg=$3 var=$4
-  ver=$(awk -v m="$mod" '{ for (i = 1; i < NF; i++) if ($i == m && $(i + 1) ~ /^v/) { print $(i + 1); exit } }' "$mods/$name/go.mod")
-  [ -n "$ver" ] || { echo "kube/build-csi-tools.sh: csi-tools/$name/go.mod pins no $mod" >&2; exit 1; }
-  (cd "$mods/$name" && "$GO" build -ldflags "-s -w -X $var=$ver" -o "$bin.tmp/$name" "$mod/$pkg")
-  echo "[csi-tools] $name $ver done at +$(( $(date +%s) - t0 ))s" >&2
+  name=$1 dir=$mods/$2 mod=$3 pkg=$4 var=$5
+  key=$( (cat "$dir/go.mod" "$dir/go.sum"; echo "$name $pkg recipe $recipe") | sha256sum | cut -c1-12)
+  out=$cache/$name-$key
+  if [ ! -x "$out/$name" ]; then
+    ver=$(awk -v m="$mod" '{ for (i = 1; i < NF; i++) if ($i == m && $(i + 1) ~ /^v/) { print $(i + 1); exit } }' "$dir/go.mod")
+    [ -n "$ver" ] || { echo "kube/build-csi-tools.sh: $dir/go.mod pins no $mod" >&2; exit 1; }
+    echo "[csi-tools] building $name $ver into $out" >&2
+    rm -rf "$out.tmp"; mkdir -p "$out.tmp"
+    (cd "$dir" && "$GO" build -ldflags "-s -w -X $var=$ver" -o "$out.tmp/$name" "$mod/$pkg")
+    rm -rf "$out"; mv "$out.tmp" "$out"
+    built=$((built + 1))
+    echo "[csi-tools] $name $ver done at +$(( $(date +%s) - t0 ))s" >&2
+  fi
+  ln -sfn "$out/$name" "$bin/$name"
 done
-rm -rf "$bin"; mv "$bin.tmp" "$bin"
-echo "[csi-tools] built in $(( $(date +%s) - t0 ))s" >&2
+# The snapshot CRDs (snapshot.storage.k8s.io) ship in the client/v8 module the snapshotter pins.
+crds=$(cd "$mods/csi-snapshotter" && "$GO" list -m -f '{{.Dir}}' github.com/kubernetes-csi/external-snapshotter/client/v8 2>/dev/null || true)
+if [ -z "$crds" ] || [ ! -d "$crds/config/crd" ]; then
+  (cd "$mods/csi-snapshotter" && "$GO" mod download github.com/kubernetes-csi/external-snapshotter/client/v8) >&2
+  crds=$(cd "$mods/csi-snapshotter" && "$GO" list -m -f '{{.Dir}}' github.com/kubernetes-csi/external-snapshotter/client/v8)
+fi
+[ -d "$crds/config/crd" ] || { echo "kube/build-csi-tools.sh: no config/crd in $crds" >&2; exit 1; }
+rm -rf "$bin/snapshot-crds"; mkdir -p "$bin/snapshot-crds"
+cp "$crds"/config/crd/snapshot.storage.k8s.io_*.yaml "$bin/snapshot-crds/"
+((built == 0)) || echo "[csi-tools] built $built in $(( $(date +%s) - t0 ))s" >&2
 echo "$bin"

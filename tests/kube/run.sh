@@ -25,10 +25,12 @@ t0=$(date +%s)
 csi_bin=$(bash tests/kube/build-csi-tools.sh 2>"$log_dir/csi-tools-build.log" | tail -1)
 rc=$?
 [ $rc -eq 0 ] && [ -x "$csi_bin/csi-sanity" ] || { rc=1; tail -30 "$log_dir/csi-tools-build.log"; }
-record "CSI test components build: csi-sanity, csi-provisioner, csi-attacher, csi-resizer ($(( $(date +%s) - t0 )) s)" $rc
+record "CSI test components build: csi-sanity, csi-provisioner, csi-attacher, csi-resizer, csi-snapshotter, snapshot-controller ($(( $(date +%s) - t0 )) s)" $rc
 if [ $rc -eq 0 ]; then
   export KTGT_CSI_SANITY=$csi_bin/csi-sanity KTGT_CSI_PROVISIONER=$csi_bin/csi-provisioner
   export KTGT_CSI_ATTACHER=$csi_bin/csi-attacher KTGT_CSI_RESIZER=$csi_bin/csi-resizer
+  export KTGT_CSI_SNAPSHOTTER=$csi_bin/csi-snapshotter KTGT_SNAPSHOT_CONTROLLER=$csi_bin/snapshot-controller
+  export KTGT_SNAPSHOT_CRDS=$csi_bin/snapshot-crds
 fi
 
 bash csi/proto/check.sh >"$log_dir/csi-proto.log" 2>&1

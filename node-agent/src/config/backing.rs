@@ -39,7 +39,13 @@ pub fn check_backing_stores(state: &DesiredState) -> Vec<BackingStoreError> {
             let Backing::Path(path) = &config.backing else {
                 continue;
             };
-            if let Err(problem) = check_path(path, config.create_size.is_some()) {
+            let can_create = config.create_size.is_some() || config.clone_from.is_some();
+            let checked = check_path(path, can_create).and_then(|()| match &config.clone_from {
+                // The copy's source must be there while the copy is still to be made.
+                Some(source) if !path.exists() => check_clone_source(source),
+                _ => Ok(()),
+            });
+            if let Err(problem) = checked {
                 errors.push(BackingStoreError {
                     iqn: iqn.clone(),
                     lun,
@@ -49,6 +55,20 @@ pub fn check_backing_stores(state: &DesiredState) -> Vec<BackingStoreError> {
         }
     }
     errors
+}
+
+fn check_clone_source(source: &Path) -> Result<(), Problem> {
+    match std::fs::metadata(source) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err(Problem::BackingStoreUnusable {
+            path: source.to_owned(),
+            reason: "cloneFrom: a copy can only be made of a regular file".to_owned(),
+        }),
+        Err(e) => Err(Problem::BackingStoreUnusable {
+            path: source.to_owned(),
+            reason: format!("cloneFrom: {e}"),
+        }),
+    }
 }
 
 fn check_path(path: &Path, can_create: bool) -> Result<(), Problem> {

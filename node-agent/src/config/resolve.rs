@@ -466,6 +466,30 @@ fn lun_config(lun: &TargetLun, err: &mut dyn FnMut(&str, Problem)) -> Option<Lun
         None => None,
     };
 
+    let clone_from = match (&backing, lun.clone_from.as_deref()) {
+        (_, None) => None,
+        (Some(Backing::Path(_)), Some(p)) if Path::new(p).is_absolute() => Some(PathBuf::from(p)),
+        (Some(Backing::Path(_)), Some(p)) => {
+            fail(
+                "cloneFrom",
+                Problem::BackingStoreUnusable {
+                    path: PathBuf::from(p),
+                    reason: "not an absolute path".to_owned(),
+                },
+            );
+            None
+        }
+        (_, Some(p)) => {
+            fail(
+                "cloneFrom",
+                Problem::BackingStoreUnusable {
+                    path: PathBuf::from(p),
+                    reason: "a RAM store cannot be cloned from a file".to_owned(),
+                },
+            );
+            None
+        }
+    };
     let backing = backing.filter(|_| ok)?;
     let create_size = match backing {
         Backing::Path(_) => size,
@@ -478,6 +502,7 @@ fn lun_config(lun: &TargetLun, err: &mut dyn FnMut(&str, Problem)) -> Option<Lun
         read_only: lun.read_only.unwrap_or(false),
         direct,
         create_size,
+        clone_from,
         serial: None,
     })
 }

@@ -160,6 +160,7 @@ mod tests {
                         read_only: false,
                         direct: false,
                         create_size: None,
+                        clone_from: None,
                         serial: None,
                     },
                 )]

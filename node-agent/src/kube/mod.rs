@@ -6,6 +6,7 @@
 //!   [`TargetTable::apply`]; one node-wide sync, run on every change.
 //! - [`status`]: a Target's conditions and observed state from a sync's [`status::NodeView`].
 //! - [`reconcile`]: the Target controller (finalizer, status patch, Events).
+//! - [`snapshot`]: the TargetSnapshot controller (reflink copies of this node's LUN files).
 //! - [`metrics`]: sessions and per-LUN counters for `/metrics`.
 //!
 //! # Watches
@@ -16,6 +17,7 @@
 
 pub mod metrics;
 pub mod reconcile;
+pub mod snapshot;
 pub mod status;
 pub mod sync;
 
@@ -23,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use ktgt_operator::api::{InitiatorGroup, InitiatorGroupBinding, Target};
+use ktgt_operator::api::{InitiatorGroup, InitiatorGroupBinding, Target, TargetSnapshot};
 use ktgt_operator::telemetry::{Readiness, ReconcileMetrics};
 use ktgt_operator::watch::{backoff, is_progress};
 use kube::runtime::controller::Controller;
@@ -148,8 +150,21 @@ pub async fn run(
         rx.recv().await.map(|()| ((), rx))
     });
 
-    info!(node = %node, "watching Targets, InitiatorGroups and InitiatorGroupBindings");
-    Controller::for_stream(target_stream, targets)
+    info!(node = %node, "watching Targets, InitiatorGroups, InitiatorGroupBindings and TargetSnapshots");
+    // TargetSnapshots of this node: reflink copies of LUN files (see [`snapshot`]).
+    let snapshots = Controller::new(
+        Api::<TargetSnapshot>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(kube::runtime::controller::Config::default().concurrency(2))
+    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+    .run(snapshot::reconcile, snapshot::error_policy, ctx.clone())
+    .for_each(|result| async move {
+        if let Err(e) = result {
+            debug!(error = %e, "snapshot reconcile failed");
+        }
+    });
+    let targets = Controller::for_stream(target_stream, targets)
         // Bounded: every reconcile may patch the API server, and a node with hundreds of
         // Targets reconciled at once (at start, on "reconcile all") would have the API server
         // refuse most of them (429) and the cache lag behind our own writes.
@@ -164,8 +179,8 @@ pub async fn run(
                 Ok((obj, _)) => debug!(target_name = %obj.name, "reconciled"),
                 Err(e) => debug!(error = %e, "reconcile failed"),
             }
-        })
-        .await;
+        });
+    futures::join!(targets, snapshots);
     for task in tasks {
         task.abort();
     }

@@ -113,6 +113,16 @@ impl Context {
         self
     }
 
+    /// The `--csi-volume-dir`, if any.
+    pub fn volume_dir(&self) -> Option<&Path> {
+        self.volume_dir.as_deref()
+    }
+
+    /// The current time for conditions (see [`Context::with_clock`]).
+    pub fn now(&self) -> String {
+        (self.now)()
+    }
+
     /// Runs the node-wide sync.
     pub async fn sync(&self) -> Arc<NodeView> {
         let generation = self.changes.generation();
@@ -143,7 +153,7 @@ pub fn now_rfc3339() -> String {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    #[error("patching the status of Target {name}: {source}")]
+    #[error("patching the status of {name}: {source}")]
     PatchStatus {
         name: String,
         #[source]
@@ -187,7 +197,7 @@ impl Error {
         }
     }
 
-    fn from_finalizer(e: finalizer::Error<Error>) -> Error {
+    pub(crate) fn from_finalizer(e: finalizer::Error<Error>) -> Error {
         match e {
             finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
             finalizer::Error::AddFinalizer(e) => Error::AddFinalizer(e),
@@ -379,13 +389,17 @@ pub fn volume_files(target: &Target, dir: Option<&Path>) -> Vec<PathBuf> {
         .iter()
         .filter_map(|l| l.backing_store.as_deref())
         .map(PathBuf::from)
-        .filter(|p| {
-            p.is_absolute()
-                && p.starts_with(dir)
-                && p != dir
-                && !p.components().any(|c| c == std::path::Component::ParentDir)
-        })
+        .filter(|p| deletable_path(p, dir))
         .collect()
+}
+
+/// Whether the agent may delete file `p` because it lies under `dir` (`--csi-volume-dir`):
+/// a plain absolute path strictly below it (no `..`).
+pub fn deletable_path(p: &Path, dir: &Path) -> bool {
+    p.is_absolute()
+        && p.starts_with(dir)
+        && p != dir
+        && !p.components().any(|c| c == std::path::Component::ParentDir)
 }
 
 fn remove_volume_files(target: &Target, dir: Option<&Path>) {

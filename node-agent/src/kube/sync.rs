@@ -438,7 +438,12 @@ impl Syncer {
                         (
                             (iqn.clone(), e.lun),
                             LunFailure {
-                                reason: "LUNOpenFailed",
+                                reason: match e.error {
+                                    target_core::lun::BackendError::CloneUnsupported { .. } => {
+                                        "CloneUnsupported"
+                                    }
+                                    _ => "LUNOpenFailed",
+                                },
                                 message: e.error.to_string(),
                             },
                         )

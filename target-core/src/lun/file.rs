@@ -88,18 +88,27 @@ impl FileShared {
         }
         match std::fs::symlink_metadata(path) {
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => match cfg.create_size {
-                Some(size) => create_sparse(path, size, bs)?,
-                None => {
-                    return Err(BackendError::Open {
-                        path: path.clone(),
-                        source: io::Error::new(
-                            io::ErrorKind::NotFound,
-                            "no such file, and no create_size to create it",
-                        ),
-                    })
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match (&cfg.clone_from, cfg.create_size) {
+                    (Some(source), size) => match super::clone::reflink(source, path, size) {
+                        Ok(_) => {}
+                        // Made meanwhile by someone else: theirs is used (and validated) as is.
+                        Err(BackendError::Open { source: e, .. })
+                            if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(e),
+                    },
+                    (None, Some(size)) => create_sparse(path, size, bs)?,
+                    (None, None) => {
+                        return Err(BackendError::Open {
+                            path: path.clone(),
+                            source: io::Error::new(
+                                io::ErrorKind::NotFound,
+                                "no such file, and no create_size to create it",
+                            ),
+                        })
+                    }
                 }
-            },
+            }
             Err(source) => {
                 return Err(BackendError::Open {
                     path: path.clone(),

@@ -34,6 +34,7 @@
 //!
 //! Read buffers come from [`pool`], recycled when the last `Bytes` is dropped.
 
+pub mod clone;
 pub mod file;
 pub mod mem;
 pub mod pool;
@@ -70,6 +71,14 @@ pub enum BackendError {
     /// The backing exists but cannot serve as a store (size, type, configuration).
     #[error("{}: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
+    /// A copy of `source_path` at `path` was asked for and the filesystem cannot make one
+    /// without copying data (see [`clone::reflink`]).
+    #[error("cannot make {} a reflink copy of {}: {reason}", path.display(), source_path.display())]
+    CloneUnsupported {
+        path: PathBuf,
+        source_path: PathBuf,
+        reason: String,
+    },
     /// An engine was asked for that this kernel or process cannot provide.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -104,6 +113,9 @@ pub struct StoreConfig {
     /// If `path` does not exist, create it as a sparse file of this many bytes. An existing
     /// file is never truncated or grown.
     pub create_size: Option<u64>,
+    /// If `path` does not exist, create it as a reflink copy of this file instead (grown to
+    /// `create_size` when that is larger; see [`clone::reflink`]), never by copying data.
+    pub clone_from: Option<PathBuf>,
     /// Logical block size: a power of two in 512..=65536. The size must be a multiple of it.
     pub block_size: u32,
     pub engine: Engine,
@@ -117,6 +129,7 @@ impl StoreConfig {
             direct: false,
             read_only: false,
             create_size: None,
+            clone_from: None,
             block_size,
             engine: Engine::Auto,
         }
@@ -201,6 +214,7 @@ impl Store {
                 direct: lun.direct,
                 read_only: lun.read_only,
                 create_size: lun.create_size,
+                clone_from: lun.clone_from.clone(),
                 block_size: lun.block_size,
                 engine,
             }),

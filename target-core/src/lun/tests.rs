@@ -23,6 +23,7 @@ fn config(path: &Path, engine: Engine, direct: bool) -> StoreConfig {
         direct,
         read_only: false,
         create_size: Some(SIZE),
+        clone_from: None,
         block_size: BS,
         engine,
     }
@@ -281,6 +282,68 @@ fn create_size_creates_a_sparse_file() {
 }
 
 #[test]
+fn a_clone_where_the_filesystem_cannot_reflink_is_refused_and_leaves_nothing() {
+    // Source on tmpfs (/dev/shm), copy beside it or in /tmp: tmpfs has no reflink, and
+    // across filesystems there is none (EXDEV). Either way no data may be copied.
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let source = shm.path().join("source.img");
+    std::fs::write(&source, pattern(3, 4 * BS as usize)).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    for dir in [shm.path(), other.path()] {
+        let path = dir.join("copy.img");
+        let mut cfg = config(&path, Engine::ThreadPool, false);
+        cfg.clone_from = Some(source.clone());
+        let err = Store::open(&cfg).unwrap_err();
+        assert!(
+            matches!(err, BackendError::CloneUnsupported { .. }),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("reflink") && text.contains("no data was copied"),
+            "{text}"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n != "source.img")
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}
+
+#[test]
+fn a_clone_of_a_missing_or_irregular_source_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("copy.img");
+    let mut cfg = config(&path, Engine::ThreadPool, false);
+    cfg.clone_from = Some(dir.path().join("absent.img"));
+    let err = Store::open(&cfg).unwrap_err();
+    assert!(
+        matches!(&err, BackendError::Open { path: p, source } if p.ends_with("absent.img") && source.kind() == io::ErrorKind::NotFound),
+        "{err:?}"
+    );
+    cfg.clone_from = Some(dir.path().to_path_buf());
+    let err = Store::open(&cfg).unwrap_err();
+    assert!(matches!(err, BackendError::Invalid { .. }), "{err:?}");
+    assert!(!path.exists());
+}
+
+#[test]
+fn a_clone_never_replaces_an_existing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    std::fs::write(&source, pattern(1, BS as usize)).unwrap();
+    std::fs::write(&dest, pattern(2, BS as usize)).unwrap();
+    let err = clone::reflink(&source, &dest, None).unwrap_err();
+    assert!(
+        matches!(&err, BackendError::Open { source, .. } if source.kind() == io::ErrorKind::AlreadyExists),
+        "{err:?}"
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), pattern(2, BS as usize));
+}
+
+#[test]
 fn create_size_is_validated_before_creating() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("odd.img");
@@ -394,6 +457,7 @@ fn read_only_store_refuses_writes() {
         let store = Store::open(&StoreConfig {
             read_only: true,
             create_size: None,
+            clone_from: None,
             ..config(&path, variant.engine, variant.direct)
         })
         .unwrap();
@@ -873,6 +937,7 @@ fn block_device_backing_through_a_loop_device() {
     for variant in variants() {
         let cfg = StoreConfig {
             create_size: None,
+            clone_from: None,
             ..config(&dev.0, variant.engine, variant.direct)
         };
         let store = Store::open(&cfg).unwrap_or_else(|e| panic!("{}: {e}", variant.name));

@@ -57,6 +57,7 @@ pub fn mem_lun(n: u16) -> LunConfig {
         read_only: false,
         direct: false,
         create_size: None,
+        clone_from: None,
         serial: None,
     }
 }

@@ -147,3 +147,25 @@ pub fn spawn_controller(
         pool_dir,
     }
 }
+
+/// A CreateVolume content source: volume `id`.
+pub fn source_volume(id: &str) -> proto::VolumeContentSource {
+    proto::VolumeContentSource {
+        r#type: Some(proto::volume_content_source::Type::Volume(
+            proto::volume_content_source::VolumeSource {
+                volume_id: id.to_owned(),
+            },
+        )),
+    }
+}
+
+/// A CreateVolume content source: snapshot `id`.
+pub fn source_snapshot(id: &str) -> proto::VolumeContentSource {
+    proto::VolumeContentSource {
+        r#type: Some(proto::volume_content_source::Type::Snapshot(
+            proto::volume_content_source::SnapshotSource {
+                snapshot_id: id.to_owned(),
+            },
+        )),
+    }
+}

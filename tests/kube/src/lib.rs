@@ -221,6 +221,7 @@ impl ControlPlane {
             "crd/targets.tgtd.unstable.cloud",
             "crd/initiatorgroups.tgtd.unstable.cloud",
             "crd/initiatorgroupbindings.tgtd.unstable.cloud",
+            "crd/targetsnapshots.tgtd.unstable.cloud",
         ]);
         assert!(ok, "CRDs not established: {out}{err}");
         done.push(self.dir.clone());
@@ -474,4 +475,98 @@ pub fn unique(prefix: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// A loop-mounted XFS filesystem with reflink (`mkfs.xfs -m reflink=1`) at a directory: the
+/// pool that CSI snapshots and clones need (the machines' own filesystem is ext4, which has
+/// no reflink). Sparse image beside the directory; unmounted and removed when dropped.
+pub struct ReflinkDir {
+    pub dir: PathBuf,
+    image: PathBuf,
+}
+
+impl ReflinkDir {
+    /// Mounts a fresh XFS of `mib` MiB (at least 300: mkfs.xfs's floor) at `dir`. Needs root,
+    /// a loop device and mkfs.xfs (tests/setup.sh installs xfsprogs).
+    pub fn mount(dir: &Path, mib: u64) -> ReflinkDir {
+        std::fs::create_dir_all(dir).expect("creating the mount point");
+        let image = dir.with_extension("xfs.img");
+        let file = std::fs::File::create(&image).expect("creating the XFS image");
+        file.set_len(mib << 20).expect("sizing the XFS image");
+        drop(file);
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().expect("running a filesystem tool");
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}{} (the reflink pool needs root, a loop device and xfsprogs: tests/setup.sh)",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(Command::new("mkfs.xfs")
+            .args(["-q", "-f", "-m", "reflink=1"])
+            .arg(&image));
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(dir));
+        ReflinkDir {
+            dir: dir.to_path_buf(),
+            image,
+        }
+    }
+}
+
+impl Drop for ReflinkDir {
+    fn drop(&mut self) {
+        // Lazy: a process still holding a file open (an agent being killed) must not keep
+        // the image mounted.
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// Runs `qemu-io` (QEMU's libiscsi driver: a client nobody here wrote) on the iSCSI LUN
+/// `portal`/`iqn`/`lun` as initiator `initiator`, with one `-c` command each; returns
+/// (success, output). qemu-io exits 0 even when a command fails, so success also means no
+/// line of the output reports a failure ("Pattern verification failed", "failed:").
+/// The private copy tests/setup.sh unpacks (with the iscsi block module) is used when there.
+pub fn qemu_io(
+    portal: &str,
+    iqn: &str,
+    lun: u16,
+    initiator: &str,
+    cmds: &[&str],
+) -> (bool, String) {
+    let private = repo_root().join("tests/tools/peer/.qemu");
+    let mut cmd = if private.join("usr/bin/qemu-io").exists() {
+        let mut c = Command::new(private.join("usr/bin/qemu-io"));
+        c.env(
+            "QEMU_MODULE_DIR",
+            private.join("usr/lib/x86_64-linux-gnu/qemu"),
+        );
+        c
+    } else {
+        Command::new("qemu-io")
+    };
+    cmd.arg("--image-opts").arg(format!(
+        "driver=iscsi,transport=tcp,portal={portal},target={iqn},lun={lun},initiator-name={initiator}"
+    ));
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .envs(cmd.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))))
+        .output()
+        .expect("running qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed = text.contains("Pattern verification failed") || text.contains("failed:");
+    (out.status.success() && !failed, text)
 }

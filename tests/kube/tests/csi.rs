@@ -12,8 +12,10 @@ use ktgt_csi::proto::identity_client::IdentityClient;
 use ktgt_kube_tests::agent::{
     assert_nothing_forbidden, skip_without_libiscsi, Agent, CLIENT, STRANGER,
 };
-use ktgt_kube_tests::csi::{channel, create, mount_cap, spawn_controller, Controller};
-use ktgt_kube_tests::{iscsi, repo_root, unique, wait_for, ControlPlane};
+use ktgt_kube_tests::csi::{
+    channel, create, mount_cap, source_snapshot, source_volume, spawn_controller, Controller,
+};
+use ktgt_kube_tests::{iscsi, qemu_io, repo_root, unique, wait_for, ControlPlane, ReflinkDir};
 use ktgt_operator::api::Target;
 use kube::Api;
 use tonic::Code;
@@ -122,6 +124,52 @@ async fn volumes_are_targets_and_publishing_opens_them_to_one_node() {
         "name",
     ]);
     assert_eq!(out.lines().count(), 1, "something half-created: {out}");
+    // This pool is on ext4, which cannot reflink: a snapshot or a clone is a precise
+    // FAILED_PRECONDITION, never a silent data copy, and nothing of it is left.
+    let e = ctl
+        .create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: id.clone(),
+            name: unique("snap"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(
+        e.message().contains("CloneUnsupported") && e.message().contains("reflink"),
+        "{e}"
+    );
+    let mut from_volume = create(&unique("pvc"), 16 << 20, &[("pool", "p1")]);
+    from_volume.volume_content_source = Some(source_volume(&id));
+    let e = ctl.create_volume(from_volume).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("reflink"), "{e}");
+    wait_for(
+        "the failed clone's Target and snapshot gone",
+        Duration::from_secs(30),
+        || async {
+            let (_, t, _) = cp.kubectl(&[
+                "get",
+                "targets,targetsnapshots",
+                "-l",
+                "csi.ktgt.io/managed=true",
+                "-o",
+                "name",
+            ]);
+            (t.lines().count() == 1).then_some(())
+        },
+        || agent.proc.log_tail(30),
+    )
+    .await;
+    let files: Vec<_> = std::fs::read_dir(&pool_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        files,
+        vec![std::ffi::OsString::from(format!("{id}.img"))],
+        "left behind"
+    );
 
     // Not published: nobody logs in. Published to CLIENT: CLIENT only.
     assert!(!agent.can_log_in(CLIENT, &iqn));
@@ -508,4 +556,358 @@ async fn volumes_are_targets_and_publishing_opens_them_to_one_node() {
     assert_eq!(left.trim(), "", "CHAP Secrets left behind");
     assert_nothing_forbidden(cp, CSI_USER);
     drop(csi);
+}
+
+/// Snapshots and clones on a pool that can reflink (XFS): a snapshot keeps the volume's data
+/// as it was, a volume made from it or from another volume starts with the source's data
+/// (read back with QEMU's iSCSI driver), deleting a snapshot leaves its clones intact, and
+/// deleting everything leaves the pool empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_and_clones_are_reflink_copies() {
+    if skip_without_libiscsi("csi-snapshots") {
+        return;
+    }
+    let cp = ControlPlane::shared();
+    cp.install_deploy();
+    cp.apply_file(&repo_root().join("deploy/csi/controller-rbac.yaml"));
+    let agent = Agent::start_with(
+        cp,
+        "csi-snap",
+        "ktgt-agent",
+        &["--csi-volume-dir", "{dir}/pool"],
+    );
+    let xfs = ReflinkDir::mount(&agent.dir.join("pool"), 512);
+    let Controller {
+        proc: csi,
+        socket,
+        kubeconfig: _,
+        pool_dir,
+    } = spawn_controller(cp, &agent, "x1", "256Mi", None);
+    assert_eq!(pool_dir, xfs.dir);
+    let mut ctl = ControllerClient::new(channel(socket).await);
+    let caps = ctl
+        .controller_get_capabilities(proto::ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    use proto::controller_service_capability::rpc::Type as Rpc;
+    for want in [
+        Rpc::CreateDeleteSnapshot,
+        Rpc::ListSnapshots,
+        Rpc::CloneVolume,
+    ] {
+        assert!(
+            caps.capabilities.iter().any(|c| matches!(&c.r#type,
+                Some(proto::controller_service_capability::Type::Rpc(r)) if r.r#type == want as i32)),
+            "{want:?} not advertised"
+        );
+    }
+    let targets: Api<Target> = Api::all(cp.client().await);
+    let served = |id: String| {
+        let targets = targets.clone();
+        async move {
+            let t = targets.get_opt(&id).await.ok()??;
+            t.status?
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
+        }
+    };
+    // The closures below call through their own clone of the client.
+    let base = ctl.clone();
+    let make = |name: String, bytes: i64, source: Option<proto::VolumeContentSource>| {
+        let mut ctl = base.clone();
+        let mut req = create(&name, bytes, &[]);
+        req.volume_content_source = source;
+        async move {
+            ctl.create_volume(req)
+                .await
+                .map(|r| r.into_inner().volume.unwrap())
+        }
+    };
+    let publish = |id: String| {
+        let mut ctl = base.clone();
+        async move {
+            ctl.controller_publish_volume(proto::ControllerPublishVolumeRequest {
+                volume_id: id,
+                node_id: CLIENT.to_owned(),
+                volume_capability: Some(mount_cap()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .publish_context
+        }
+    };
+    let io = |iqn: &str, cmds: &[&str]| {
+        let (ok, out) = qemu_io(&agent.portal, iqn, 0, CLIENT, cmds);
+        assert!(ok, "qemu-io {cmds:?} on {iqn}: {out}");
+    };
+
+    // A volume with 1 MiB of 0xa5 at its start.
+    let a = make(unique("pvc"), 16 << 20, None).await.unwrap();
+    wait_for(
+        "volume A served",
+        Duration::from_secs(30),
+        || served(a.volume_id.clone()),
+        || agent.proc.log_tail(30),
+    )
+    .await;
+    let a_iqn = publish(a.volume_id.clone()).await["iqn"].clone();
+    agent
+        .wait_login(CLIENT, &a_iqn, true, "the published volume")
+        .await;
+    io(&a_iqn, &["write -P 0xa5 0 1M", "flush"]);
+
+    // CreateSnapshot: ready at once (a reflink is instant), the copy beside the volume.
+    let snap_name = unique("snapshot");
+    let snap_req = |source: &str| proto::CreateSnapshotRequest {
+        source_volume_id: source.to_owned(),
+        name: snap_name.clone(),
+        ..Default::default()
+    };
+    let snap = ctl
+        .create_snapshot(snap_req(&a.volume_id))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "CreateSnapshot: {e}\n{}\n{}",
+                csi.log_tail(20),
+                agent.proc.log_tail(20)
+            )
+        })
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snap.ready_to_use, "{snap:?}");
+    assert_eq!(snap.size_bytes, 16 << 20);
+    assert_eq!(snap.source_volume_id, a.volume_id);
+    assert!(snap.creation_time.is_some_and(|t| t.seconds > 0));
+    assert_eq!(
+        std::fs::metadata(pool_dir.join(format!("{}.img", snap.snapshot_id)))
+            .unwrap()
+            .len(),
+        16 << 20
+    );
+    // Idempotent; the same name of another volume is ALREADY_EXISTS.
+    let again = ctl
+        .create_snapshot(snap_req(&a.volume_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(again.snapshot_id, snap.snapshot_id);
+    let other = make(unique("pvc"), 16 << 20, None).await.unwrap();
+    let e = ctl
+        .create_snapshot(snap_req(&other.volume_id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e}");
+    let e = ctl
+        .create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: "csi-00000000000000000000".into(),
+            name: unique("snapshot"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+
+    // The volume changes after the snapshot; the snapshot does not.
+    io(&a_iqn, &["write -P 0x5a 0 1M", "flush"]);
+
+    // ListSnapshots: by id, by source, paged.
+    let snap2 = ctl
+        .create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: a.volume_id.clone(),
+            name: unique("snapshot"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let list = |source: &str, id: &str, max: i32, token: &str| {
+        let mut ctl = base.clone();
+        let req = proto::ListSnapshotsRequest {
+            max_entries: max,
+            starting_token: token.to_owned(),
+            source_volume_id: source.to_owned(),
+            snapshot_id: id.to_owned(),
+            ..Default::default()
+        };
+        async move { ctl.list_snapshots(req).await.map(|r| r.into_inner()) }
+    };
+    let ids = |r: &proto::ListSnapshotsResponse| -> Vec<String> {
+        r.entries
+            .iter()
+            .map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone())
+            .collect()
+    };
+    let mut both = vec![snap.snapshot_id.clone(), snap2.snapshot_id.clone()];
+    both.sort();
+    assert_eq!(ids(&list(&a.volume_id, "", 0, "").await.unwrap()), both);
+    assert_eq!(
+        ids(&list("", &snap.snapshot_id, 0, "").await.unwrap()),
+        vec![snap.snapshot_id.clone()]
+    );
+    assert!(list("", "snap-00000000000000000000", 0, "")
+        .await
+        .unwrap()
+        .entries
+        .is_empty());
+    assert!(list(&other.volume_id, "", 0, "")
+        .await
+        .unwrap()
+        .entries
+        .is_empty());
+    let first = list(&a.volume_id, "", 1, "").await.unwrap();
+    assert_eq!(ids(&first), vec![both[0].clone()]);
+    let second = list(&a.volume_id, "", 1, &first.next_token).await.unwrap();
+    assert_eq!(ids(&second), vec![both[1].clone()]);
+    assert!(second.next_token.is_empty());
+    assert_eq!(
+        list("", "", 0, "nonsense").await.unwrap_err().code(),
+        Code::Aborted
+    );
+
+    // A volume from the snapshot, larger than it: the snapshot's data, zeros past its end.
+    let b = make(
+        unique("pvc"),
+        32 << 20,
+        Some(source_snapshot(&snap.snapshot_id)),
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "CreateVolume from a snapshot: {e}\n{}",
+            agent.proc.log_tail(20)
+        )
+    });
+    assert_eq!(b.capacity_bytes, 32 << 20);
+    assert_eq!(b.content_source, Some(source_snapshot(&snap.snapshot_id)));
+    let b_iqn = publish(b.volume_id.clone()).await["iqn"].clone();
+    agent
+        .wait_login(CLIENT, &b_iqn, true, "the volume from a snapshot")
+        .await;
+    io(&b_iqn, &["read -P 0xa5 0 1M", "read -P 0 16M 16M"]);
+    let (ok, out) = iscsi(
+        "iscsi-readcapacity16",
+        &["-i", CLIENT, &agent.url(&b_iqn, 0)],
+    );
+    assert!(
+        ok && out.contains(&format!("Total size:{}", 32 << 20)),
+        "{out}"
+    );
+    // A volume from volume A: A's data now.
+    let c = make(unique("pvc"), 16 << 20, Some(source_volume(&a.volume_id)))
+        .await
+        .unwrap();
+    assert_eq!(c.content_source, Some(source_volume(&a.volume_id)));
+    let c_iqn = publish(c.volume_id.clone()).await["iqn"].clone();
+    agent
+        .wait_login(CLIENT, &c_iqn, true, "the volume from a volume")
+        .await;
+    io(&c_iqn, &["read -P 0x5a 0 1M"]);
+    // Copies are independent: writing the clone leaves its source alone.
+    io(&c_iqn, &["write -P 0x33 0 1M", "flush"]);
+    io(&a_iqn, &["read -P 0x5a 0 1M"]);
+
+    // Bad input, nothing created: a copy smaller than its source, an unknown source.
+    let mut small = create(&unique("pvc"), 8 << 20, &[]);
+    small.capacity_range = Some(proto::CapacityRange {
+        required_bytes: 8 << 20,
+        limit_bytes: 8 << 20,
+    });
+    small.volume_content_source = Some(source_snapshot(&snap.snapshot_id));
+    assert_eq!(
+        ctl.create_volume(small).await.unwrap_err().code(),
+        Code::OutOfRange
+    );
+    let e = make(
+        unique("pvc"),
+        16 << 20,
+        Some(source_snapshot("snap-00000000000000000000")),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let e = make(
+        unique("pvc"),
+        16 << 20,
+        Some(source_volume("csi-00000000000000000000")),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+
+    // Deleting the snapshot leaves the volume made from it whole.
+    for s in [&snap.snapshot_id, &snap2.snapshot_id] {
+        ctl.delete_snapshot(proto::DeleteSnapshotRequest {
+            snapshot_id: s.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    ctl.delete_snapshot(proto::DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(list(&a.volume_id, "", 0, "")
+        .await
+        .unwrap()
+        .entries
+        .is_empty());
+    io(&b_iqn, &["read -P 0xa5 0 1M"]);
+
+    // Deleting everything leaves the pool empty.
+    for v in [&a, &b, &c, &other] {
+        ctl.delete_volume(proto::DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    wait_for(
+        "every file of the pool deleted",
+        Duration::from_secs(30),
+        || async {
+            let left: Vec<_> = std::fs::read_dir(&pool_dir)
+                .ok()?
+                .filter_map(|e| e.ok())
+                .collect();
+            left.is_empty().then_some(())
+        },
+        || {
+            format!(
+                "{:?}\n{}",
+                std::fs::read_dir(&pool_dir).map(|d| d
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name())
+                    .collect::<Vec<_>>()),
+                agent.proc.log_tail(30)
+            )
+        },
+    )
+    .await;
+    let (_, out, _) = cp.kubectl(&[
+        "get",
+        "targets,targetsnapshots",
+        "-l",
+        "csi.ktgt.io/managed=true",
+        "-o",
+        "name",
+    ]);
+    assert!(out.trim().is_empty(), "left behind: {out}");
+    assert_nothing_forbidden(cp, CSI_USER);
+    drop(csi);
+    drop(agent);
 }
