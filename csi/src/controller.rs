@@ -743,17 +743,29 @@ impl proto::controller_server::Controller for ControllerService {
                 }
                 pool
             }
-            // The pool with the most room.
-            None => self
-                .pools
-                .iter()
-                .map(|p| (Self::free_bytes(p, &volumes), p))
-                .filter(|(free, _)| *free >= bytes)
-                .max_by_key(|(free, _)| *free)
-                .map(|(_, p)| p)
-                .ok_or_else(|| {
-                    Status::resource_exhausted(format!("no pool has {bytes} bytes free"))
-                })?,
+            // A pool on the first preferred storage node that has room (CSI v1.12,
+            // TopologyRequirement: "the SP SHOULD attempt to make the provisioned volume
+            // available using the preferred topologies in order from first to last"), else
+            // the pool with the most room: every node reaches every pool, so `requisite`
+            // never rules a pool out.
+            None => {
+                let roomiest = |on: Option<&str>| {
+                    self.pools
+                        .iter()
+                        .filter(|p| on.is_none_or(|n| p.node == n))
+                        .map(|p| (Self::free_bytes(p, &volumes), p))
+                        .filter(|(free, _)| *free >= bytes)
+                        .max_by_key(|(free, _)| *free)
+                        .map(|(_, p)| p)
+                };
+                preferred_nodes(req.accessibility_requirements.as_ref())
+                    .iter()
+                    .find_map(|n| roomiest(Some(n)))
+                    .or_else(|| roomiest(None))
+                    .ok_or_else(|| {
+                        Status::resource_exhausted(format!("no pool has {bytes} bytes free"))
+                    })?
+            }
         };
 
         let mut target = volume::target(&req.name, pool, bytes, block_size);
@@ -1244,6 +1256,19 @@ impl proto::controller_server::Controller for ControllerService {
     }
 }
 
+/// The storage nodes a CreateVolume prefers, in order: the `topology.csi.ktgt.io/node` values
+/// of its preferred topologies (the provisioner puts the node a WaitForFirstConsumer claim's
+/// Pod was scheduled to first).
+fn preferred_nodes(req: Option<&proto::TopologyRequirement>) -> Vec<String> {
+    req.map(|r| {
+        r.preferred
+            .iter()
+            .filter_map(|t| t.segments.get(crate::node::TOPOLOGY_NODE).cloned())
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
 /// The slice of a sorted list of `len` entries that a List call with `token` and
 /// `max_entries` returns, and the token of the next page (empty at the end). The token is the
 /// index of the next entry. CSI v1.12, ListVolumes / ListSnapshots errors: "Invalid
@@ -1360,6 +1385,41 @@ mod tests {
         let e = check_capability(&cap(Mode::SingleNodeWriter, false, "btrfs")).unwrap_err();
         assert!(e.contains("btrfs"), "{e}");
         assert!(check_capability(&proto::VolumeCapability::default()).is_err());
+    }
+
+    #[test]
+    fn preferred_storage_nodes_come_in_order() {
+        let topo = |node: &str| proto::Topology {
+            segments: [(crate::node::TOPOLOGY_NODE.to_owned(), node.to_owned())]
+                .into_iter()
+                .collect(),
+        };
+        let req = proto::TopologyRequirement {
+            requisite: vec![topo("a"), topo("b"), topo("c")],
+            preferred: vec![
+                topo("b"),
+                proto::Topology {
+                    segments: [("zone".to_owned(), "z1".to_owned())].into_iter().collect(),
+                },
+                topo("a"),
+            ],
+        };
+        assert_eq!(preferred_nodes(Some(&req)), vec!["b", "a"]);
+        assert!(preferred_nodes(None).is_empty());
+    }
+
+    #[test]
+    fn pages_end_with_an_empty_token_and_bad_tokens_are_aborted() {
+        assert_eq!(page(5, "", 2).unwrap(), (0..2, "2".to_owned()));
+        assert_eq!(page(5, "4", 2).unwrap(), (4..5, String::new()));
+        assert_eq!(page(5, "", 0).unwrap(), (0..5, String::new()));
+        assert_eq!(page(0, "", 0).unwrap(), (0..0, String::new()));
+        assert_eq!(page(5, "6", 1).unwrap_err().code(), tonic::Code::Aborted);
+        assert_eq!(page(5, "x", 1).unwrap_err().code(), tonic::Code::Aborted);
+        assert_eq!(
+            page(5, "", -1).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 
     #[test]

@@ -60,6 +60,15 @@ pub fn plugin_capabilities() -> proto::GetPluginCapabilitiesResponse {
                     r#type: service::Type::ControllerService as i32,
                 })),
             },
+            // Topology: NodeGetInfo names the node, and CreateVolume prefers a pool on the
+            // first preferred node (data next to its Pod). Volumes are reachable from every
+            // node, so CreateVolume returns no accessible_topology ("the CO MAY assume the
+            // volume is equally accessible from all nodes in the cluster").
+            proto::PluginCapability {
+                r#type: Some(Type::Service(Service {
+                    r#type: service::Type::VolumeAccessibilityConstraints as i32,
+                })),
+            },
             // LUNs grow live, under a mounted filesystem and a running session.
             proto::PluginCapability {
                 r#type: Some(Type::VolumeExpansion(VolumeExpansion {

@@ -120,6 +120,18 @@ pub fn spawn_controller(
     capacity: &str,
     portal: Option<&str>,
 ) -> Controller {
+    spawn_controller_with(cp, agent, name, capacity, portal, &[])
+}
+
+/// [`spawn_controller`] with more arguments (another `--pool`).
+pub fn spawn_controller_with(
+    cp: &crate::ControlPlane,
+    agent: &crate::agent::Agent,
+    name: &str,
+    capacity: &str,
+    portal: Option<&str>,
+    extra: &[String],
+) -> Controller {
     let pool_dir = agent.dir.join("pool");
     std::fs::create_dir_all(&pool_dir).expect("creating the pool directory");
     let socket = agent.dir.join("csi.sock");
@@ -138,7 +150,8 @@ pub fn spawn_controller(
             agent.node,
             pool_dir.display(),
             portal.unwrap_or(&agent.portal)
-        ));
+        ))
+        .args(extra);
     let proc = crate::Proc::spawn(cmd, &agent.dir.join("csi.log"));
     Controller {
         proc,

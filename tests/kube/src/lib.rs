@@ -227,6 +227,31 @@ impl ControlPlane {
         done.push(self.dir.clone());
     }
 
+    /// Installs the snapshot CRDs (`snapshot.storage.k8s.io`, from the external-snapshotter
+    /// module tests/kube/build-csi-tools.sh copies into `KTGT_SNAPSHOT_CRDS`) and waits until
+    /// they are established. `false` when that variable is unset (a run without the CSI tools).
+    pub fn install_snapshot_crds(&self) -> bool {
+        let Some(dir) = std::env::var_os("KTGT_SNAPSHOT_CRDS") else {
+            assert!(
+                std::env::var_os("KTGT_REQUIRE_TOOLS").is_none_or(|v| v != "1"),
+                "KTGT_SNAPSHOT_CRDS is not set (tests/kube/run.sh sets it)"
+            );
+            return false;
+        };
+        let (ok, out, err) = self.kubectl(&["apply", "-f", &dir.to_string_lossy()]);
+        assert!(ok, "applying the snapshot CRDs: {out}{err}");
+        let (ok, out, err) = self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/volumesnapshotclasses.snapshot.storage.k8s.io",
+            "crd/volumesnapshotcontents.snapshot.storage.k8s.io",
+            "crd/volumesnapshots.snapshot.storage.k8s.io",
+        ]);
+        assert!(ok, "snapshot CRDs not established: {out}{err}");
+        true
+    }
+
     /// A kubeconfig that authenticates as ServiceAccount `ns/sa` (a TokenRequest token).
     pub fn service_account_kubeconfig(&self, ns: &str, sa: &str) -> PathBuf {
         let out = Command::new("bash")

@@ -1,6 +1,7 @@
 //! The whole dynamic-provisioning chain on a real control plane: kube-apiserver and
 //! kube-controller-manager (PV binding, attach/detach), the upstream external-provisioner,
-//! external-attacher and external-resizer (built from the module proxy by tests/kube/build-csi-tools.sh) in front of
+//! external-attacher, external-resizer and csi-snapshotter with snapshot-controller (built from
+//! the module proxy by tests/kube/build-csi-tools.sh) in front of
 //! `ktgt-csi controller`, and `ktgt-agent kubernetes` serving the volumes. There is no kubelet
 //! or scheduler: the test writes what they would (a Node marked for controller-managed attach,
 //! its CSINode with the driver's node id as node-driver-registrar would, a Pod's nodeName, a
@@ -13,8 +14,8 @@ use std::time::Duration;
 use ktgt_kube_tests::agent::{
     assert_nothing_forbidden, skip_without_libiscsi, Agent, CLIENT, STRANGER,
 };
-use ktgt_kube_tests::csi::{spawn_controller, Controller};
-use ktgt_kube_tests::{repo_root, unique, wait_for, ControlPlane, Proc};
+use ktgt_kube_tests::csi::{spawn_controller_with, Controller};
+use ktgt_kube_tests::{repo_root, unique, wait_for, ControlPlane, Proc, ReflinkDir};
 
 const CSI_USER: &str = "system:serviceaccount:ktgt-system:ktgt-csi-controller";
 
@@ -65,12 +66,21 @@ async fn a_claim_becomes_a_target_that_a_pod_attaches_to_its_node_only() {
         "ktgt-agent",
         &["--csi-volume-dir", "{dir}/pool"],
     );
+    // The pool on XFS: snapshots and clones are reflink copies.
+    let _xfs = ReflinkDir::mount(&agent.dir.join("pool"), 1024);
+    // A second pool, on the worker node (no agent serves it: the test only looks at where a
+    // WaitForFirstConsumer claim's volume is made).
+    let worker = unique("worker");
+    let near = format!(
+        "name=near,node={worker},path={}/near,capacity=256Mi,portal=127.0.0.1:9",
+        agent.dir.display()
+    );
     let Controller {
         proc: csi,
         socket,
         kubeconfig,
         pool_dir,
-    } = spawn_controller(cp, &agent, "chain", "1Gi", None);
+    } = spawn_controller_with(cp, &agent, "chain", "1Gi", None, &["--pool".into(), near]);
     wait_for(
         "the controller's socket",
         Duration::from_secs(20),
@@ -88,8 +98,17 @@ async fn a_claim_becomes_a_target_that_a_pod_attaches_to_its_node_only() {
         "--leader-election",
         "--leader-election-namespace=ktgt-system",
     ];
+    // CSIStorageCapacity objects as deploy/csi/controller.yaml asks for them, without an
+    // owner (no Pod here) and refreshed every 2 s.
     let mut p = Command::new(&provisioner);
-    p.args(common).arg("--extra-create-metadata");
+    p.args(common)
+        .arg("--extra-create-metadata")
+        .args([
+            "--enable-capacity",
+            "--capacity-ownerref-level=-1",
+            "--capacity-poll-interval=2s",
+        ])
+        .env("NAMESPACE", "ktgt-system");
     let provisioner = Proc::spawn(p, &agent.dir.join("provisioner.log"));
     let mut a = Command::new(&attacher);
     a.args(common);
@@ -119,13 +138,14 @@ async fn a_claim_becomes_a_target_that_a_pod_attaches_to_its_node_only() {
     // Node marked for controller-managed attach/detach, each CSINode naming the initiator
     // name that NodeGetInfo reports there.
     let ns = unique("csi-chain");
-    let (worker, other) = (unique("worker"), unique("other"));
+    let other = unique("other");
     let sc = unique("ktgt");
     let wffc = unique("ktgt-wffc");
     let mut objects = String::new();
     for (node, iqn) in [(&worker, CLIENT), (&other, STRANGER)] {
         objects.push_str(&format!(
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n  annotations:\n    \
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n  labels:\n    \
+             topology.csi.ktgt.io/node: {node}\n  annotations:\n    \
              volumes.kubernetes.io/controller-managed-attach-detach: \"true\"\n---\n\
              apiVersion: storage.k8s.io/v1\nkind: CSINode\nmetadata:\n  name: {node}\nspec:\n  drivers:\n  \
              - name: csi.ktgt.io\n    nodeID: {iqn}\n    topologyKeys: [topology.csi.ktgt.io/node]\n---\n"
@@ -321,6 +341,168 @@ async fn a_claim_becomes_a_target_that_a_pod_attaches_to_its_node_only() {
         &["get", "pv", &pvc("late", "{.spec.volumeName}")],
         "{.spec.csi.volumeHandle}",
     );
+    // Its volume is in the pool of the node its Pod goes to (the preferred topology).
+    assert_eq!(
+        jsonpath(cp, &["get", "target", &late_handle], "{.spec.nodeName}"),
+        worker,
+        "{}",
+        logs()
+    );
+    assert_eq!(
+        jsonpath(
+            cp,
+            &["get", "target", &late_handle],
+            "{.metadata.labels.csi\\.ktgt\\.io/pool}"
+        ),
+        "near"
+    );
+    // The provisioner publishes what GetCapacity says for the WaitForFirstConsumer class, one
+    // object per node (every node reaches every pool, so each carries the free bytes of all).
+    let capacities = || {
+        jsonpath(
+            cp,
+            &["get", "csistoragecapacities", "-n", "ktgt-system"],
+            &format!(
+                "{{range .items[?(@.storageClassName==\"{wffc}\")]}}{{.nodeTopology.matchLabels.topology\\.csi\\.ktgt\\.io/node}}={{.capacity}}/{{.maximumVolumeSize}} {{end}}"
+            ),
+        )
+    };
+    wait_for(
+        "CSIStorageCapacity objects for both nodes",
+        Duration::from_secs(60),
+        || async {
+            let c = capacities();
+            (c.contains(&format!("{worker}=")) && c.contains(&format!("{other}="))).then_some(c)
+        },
+        logs,
+    )
+    .await;
+    let c = capacities();
+    for entry in c.split_whitespace() {
+        let (_, sizes) = entry.split_once('=').unwrap();
+        let (cap, max) = sizes.split_once('/').unwrap();
+        assert!(!cap.is_empty() && cap != "0" && !max.is_empty(), "{c}");
+    }
+
+    // Snapshots (when the snapshot CRDs and external-snapshotter are built): a VolumeSnapshot
+    // of the claim becomes a TargetSnapshot, a reflink copy on the storage node; a claim from
+    // it, and a claim from the claim, become Targets cloned from their source.
+    let snapshot_tools = (
+        sidecar("KTGT_CSI_SNAPSHOTTER"),
+        sidecar("KTGT_SNAPSHOT_CONTROLLER"),
+    );
+    let mut snapshot_procs = Vec::new();
+    if let (Some(snapshotter), Some(snapshot_controller)) = snapshot_tools {
+        assert!(cp.install_snapshot_crds());
+        // snapshot-controller is the cluster's (its own RBAC upstream); the admin runs it.
+        let mut c = Command::new(&snapshot_controller);
+        c.arg(format!("--kubeconfig={}", cp.kubeconfig().display()))
+            .arg("--leader-election=false");
+        snapshot_procs.push(Proc::spawn(c, &agent.dir.join("snapshot-controller.log")));
+        let mut c = Command::new(&snapshotter);
+        c.args(common);
+        snapshot_procs.push(Proc::spawn(c, &agent.dir.join("snapshotter.log")));
+        let snap_logs = || {
+            format!(
+                "snapshot-controller:\n{}\nsnapshotter:\n{}\n{}",
+                snapshot_procs[0].log_tail(15),
+                snapshot_procs[1].log_tail(15),
+                logs()
+            )
+        };
+        let class = unique("ktgt-snap");
+        cp.apply_yaml(&format!(
+            "apiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshotClass\nmetadata:\n  name: {class}\n\
+             driver: csi.ktgt.io\ndeletionPolicy: Delete\n---\n\
+             apiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshot\nmetadata:\n  name: snap\n  namespace: {ns}\n\
+             spec:\n  volumeSnapshotClassName: {class}\n  source:\n    persistentVolumeClaimName: data\n"
+        ));
+        let vs = |path: &str| jsonpath(cp, &["get", "volumesnapshot", "snap", "-n", &ns], path);
+        wait_for(
+            "the VolumeSnapshot ready to use",
+            Duration::from_secs(90),
+            || async { (vs("{.status.readyToUse}") == "true").then_some(()) },
+            snap_logs,
+        )
+        .await;
+        assert_eq!(vs("{.status.restoreSize}"), "32Mi");
+        let content = vs("{.status.boundVolumeSnapshotContentName}");
+        let snap_handle = jsonpath(
+            cp,
+            &["get", "volumesnapshotcontent", &content],
+            "{.status.snapshotHandle}",
+        );
+        let snap_file = pool_dir.join(format!("{snap_handle}.img"));
+        assert_eq!(
+            jsonpath(cp, &["get", "targetsnapshot", &snap_handle], "{.spec.path}"),
+            snap_file.display().to_string()
+        );
+        assert_eq!(std::fs::metadata(&snap_file).unwrap().len(), 32 << 20);
+        for (name, kind, api_group) in [
+            (
+                "restored",
+                "VolumeSnapshot",
+                "\n      apiGroup: snapshot.storage.k8s.io",
+            ),
+            ("copy", "PersistentVolumeClaim", ""),
+        ] {
+            let source = if kind == "VolumeSnapshot" {
+                "snap"
+            } else {
+                "data"
+            };
+            cp.apply_yaml(&format!(
+                "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\n  namespace: {ns}\n\
+                 spec:\n  accessModes: [ReadWriteOnce]\n  storageClassName: {sc}\n  dataSource:\n    \
+                 kind: {kind}\n    name: {source}{api_group}\n  resources:\n    requests:\n      storage: 32Mi\n"
+            ));
+            wait_for(
+                &format!("the claim from a {kind} Bound"),
+                Duration::from_secs(90),
+                || async { (pvc(name, "{.status.phase}") == "Bound").then_some(()) },
+                snap_logs,
+            )
+            .await;
+            let h = jsonpath(
+                cp,
+                &["get", "pv", &pvc(name, "{.spec.volumeName}")],
+                "{.spec.csi.volumeHandle}",
+            );
+            let from = jsonpath(cp, &["get", "target", &h], "{.spec.luns[0].cloneFrom}");
+            let want = if kind == "VolumeSnapshot" {
+                snap_file.clone()
+            } else {
+                file.clone()
+            };
+            assert_eq!(from, want.display().to_string(), "{}", snap_logs());
+            wait_for(
+                "the clone's file",
+                Duration::from_secs(30),
+                || async {
+                    (std::fs::metadata(pool_dir.join(format!("{h}.img")))
+                        .ok()?
+                        .len()
+                        == 32 << 20)
+                        .then_some(())
+                },
+                snap_logs,
+            )
+            .await;
+        }
+        // Deleting the VolumeSnapshot deletes the copy (deletionPolicy Delete).
+        let (ok, out, err) = cp.kubectl(&["delete", "volumesnapshot", "snap", "-n", &ns]);
+        assert!(ok, "{out}{err}");
+        wait_for(
+            "the TargetSnapshot and its file gone",
+            Duration::from_secs(60),
+            || async {
+                (!cp.kubectl(&["get", "targetsnapshot", &snap_handle]).0 && !snap_file.exists())
+                    .then_some(())
+            },
+            snap_logs,
+        )
+        .await;
+    }
 
     // Deleting the claims deletes the PVs, the Targets and their files.
     let (ok, out, err) = cp.kubectl(&["delete", "pvc", "--all", "-n", &ns, "--wait=false"]);
@@ -334,6 +516,24 @@ async fn a_claim_becomes_a_target_that_a_pod_attaches_to_its_node_only() {
                 !cp.kubectl(&["get", "target", h]).0 && !pool_dir.join(format!("{h}.img")).exists()
             };
             (!pvs.contains(&pv) && gone(&handle) && gone(&late_handle)).then_some(())
+        },
+        logs,
+    )
+    .await;
+    wait_for(
+        "nothing left in the pool",
+        Duration::from_secs(60),
+        || async {
+            let (_, t, _) = cp.kubectl(&[
+                "get",
+                "targets,targetsnapshots",
+                "-l",
+                "csi.ktgt.io/managed=true",
+                "-o",
+                "name",
+            ]);
+            let files = std::fs::read_dir(&pool_dir).ok()?.count();
+            (t.trim().is_empty() && files == 0).then_some(())
         },
         logs,
     )

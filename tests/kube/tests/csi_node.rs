@@ -15,7 +15,7 @@ use std::time::Duration;
 use ktgt_csi::proto::{self, controller_client::ControllerClient};
 use ktgt_kube_tests::agent::{assert_nothing_forbidden, Agent};
 use ktgt_kube_tests::csi::{channel, create, spawn_controller, Controller};
-use ktgt_kube_tests::{ktgt_bin, repo_root, wait_for, ControlPlane};
+use ktgt_kube_tests::{ktgt_bin, repo_root, wait_for, ControlPlane, ReflinkDir};
 
 const CSI_USER: &str = "system:serviceaccount:ktgt-system:ktgt-csi-controller";
 const GUEST_INITIATOR: &str = "iqn.2004-10.org.example:csi-node";
@@ -105,6 +105,9 @@ async fn the_node_service_stages_and_publishes_on_a_real_initiator_and_passes_cs
         "ktgt-agent",
         &["--csi-volume-dir", "{dir}/pool"],
     );
+    // The pool on XFS, so csi-sanity's snapshot and clone specs run (reflink copies); sparse,
+    // as the volumes in it are.
+    let _xfs = ReflinkDir::mount(&agent.dir.join("pool"), 4096);
     let Controller {
         proc: csi,
         socket,
@@ -290,7 +293,7 @@ async fn the_node_service_stages_and_publishes_on_a_real_initiator_and_passes_cs
     assert_eq!(secrets.trim(), "", "CHAP Secrets left behind");
     let (_, targets, _) = cp.kubectl(&[
         "get",
-        "targets,initiatorgroupbindings",
+        "targets,targetsnapshots,initiatorgroupbindings",
         "-l",
         "csi.ktgt.io/managed=true",
         "-o",

@@ -75,6 +75,12 @@ fn deploy_csi_is_accepted_whole() {
     let sc = csi.join("storageclass.yaml");
     let (ok, out, err) = cp.kubectl(&["apply", "--dry-run=server", "-f", sc.to_str().unwrap()]);
     assert!(ok, "{} rejected: {out}{err}", sc.display());
+    if cp.install_snapshot_crds() {
+        let vsc = csi.join("snapshotclass.yaml");
+        let (ok, out, err) =
+            cp.kubectl(&["apply", "--dry-run=server", "-f", vsc.to_str().unwrap()]);
+        assert!(ok, "{} rejected: {out}{err}", vsc.display());
+    }
 }
 
 #[test]
