@@ -442,7 +442,7 @@ async fn a_claim_becomes_a_target_that_a_pod_attaches_to_its_node_only() {
             (
                 "restored",
                 "VolumeSnapshot",
-                "\n      apiGroup: snapshot.storage.k8s.io",
+                "\n    apiGroup: snapshot.storage.k8s.io",
             ),
             ("copy", "PersistentVolumeClaim", ""),
         ] {
