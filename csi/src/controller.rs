@@ -651,6 +651,23 @@ impl proto::controller_server::Controller for ControllerService {
         }
         let mut bytes = size_for(req.capacity_range.as_ref())?;
         let id = volume::target_name(&req.name);
+        // An xfs volume is at least what mkfs.xfs formats (CSI v1.12, CapacityRange: the
+        // plugin may make a volume larger than required_bytes, up to limit_bytes).
+        let wants_xfs = req.volume_capabilities.iter().any(|c| {
+            matches!(&c.access_type, Some(volume_capability::AccessType::Mount(m)) if m.fs_type == "xfs")
+        });
+        if wants_xfs && bytes < crate::XFS_MIN_BYTES {
+            let limit = req
+                .capacity_range
+                .as_ref()
+                .map_or(0, |r| r.limit_bytes.max(0) as u64);
+            if limit != 0 && limit < crate::XFS_MIN_BYTES {
+                return Err(Status::out_of_range(format!(
+                    "capacity_range: limit_bytes {limit} is below 300 MiB, the smallest filesystem mkfs.xfs makes"
+                )));
+            }
+            bytes = crate::XFS_MIN_BYTES;
+        }
         // A copy is made on its source's filesystem: the source's pool, at least its size.
         let clone = match &source {
             None => None,

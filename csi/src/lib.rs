@@ -35,6 +35,11 @@ pub mod proto {
     tonic::include_proto!("csi.v1");
 }
 
+/// The smallest xfs volume: mkfs.xfs refuses less ("Filesystem must be larger than 300MB",
+/// xfsprogs 6.1; 300 MiB exactly is accepted). CreateVolume makes xfs volumes at least this
+/// big, and NodeStageVolume refuses to format a smaller disk with FAILED_PRECONDITION.
+pub const XFS_MIN_BYTES: u64 = 300 << 20;
+
 /// The driver's name, as StorageClasses and CSIDriver objects name it.
 pub const DRIVER_NAME: &str = "csi.ktgt.io";
 

@@ -588,6 +588,12 @@ impl NodeService {
     async fn mkfs(&self, fs_type: &str, disk: &Disk) -> Result<(), Status> {
         let dev = disk.dev();
         let dev = dev.to_string_lossy();
+        if fs_type == "xfs" && disk.size < crate::XFS_MIN_BYTES {
+            return Err(Status::failed_precondition(format!(
+                "{dev} has {} bytes; mkfs.xfs makes no filesystem under 300 MiB (use ext4, or a larger volume: the controller makes new xfs volumes at least that big)",
+                disk.size
+            )));
+        }
         let cmd = match fs_type {
             // -m0: no blocks reserved for root on a volume that belongs to one application.
             "ext4" => Cmd::new("mkfs.ext4", &["-F", "-m0", "-q", &dev]),
@@ -1200,6 +1206,21 @@ mod tests {
             tonic::Code::Unavailable
         );
         assert_eq!(login_status(None, &a, "").code(), tonic::Code::Internal);
+    }
+
+    #[tokio::test]
+    async fn a_disk_too_small_for_xfs_is_refused_before_mkfs_runs() {
+        let svc = NodeService::new(NodeConfig::new("worker-1"));
+        let disk = Disk {
+            name: "sdz".into(),
+            major: 8,
+            minor: 400,
+            size: crate::XFS_MIN_BYTES - (1 << 20),
+        };
+        // No /dev/sdz here: reaching mkfs.xfs would fail otherwise (INTERNAL).
+        let e = svc.mkfs("xfs", &disk).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        assert!(e.message().contains("300 MiB"), "{e}");
     }
 
     #[tokio::test]

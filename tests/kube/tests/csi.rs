@@ -13,7 +13,8 @@ use ktgt_kube_tests::agent::{
     assert_nothing_forbidden, skip_without_libiscsi, Agent, CLIENT, STRANGER,
 };
 use ktgt_kube_tests::csi::{
-    channel, create, mount_cap, source_snapshot, source_volume, spawn_controller, Controller,
+    channel, create, create_with, mount_cap, mount_cap_fs, source_snapshot, source_volume,
+    spawn_controller, Controller,
 };
 use ktgt_kube_tests::{iscsi, qemu_io, repo_root, unique, wait_for, ControlPlane, ReflinkDir};
 use ktgt_operator::api::Target;
@@ -582,7 +583,7 @@ async fn snapshots_and_clones_are_reflink_copies() {
         socket,
         kubeconfig: _,
         pool_dir,
-    } = spawn_controller(cp, &agent, "x1", "256Mi", None);
+    } = spawn_controller(cp, &agent, "x1", "1Gi", None);
     assert_eq!(pool_dir, xfs.dir);
     let mut ctl = ControllerClient::new(channel(socket).await);
     let caps = ctl
@@ -845,6 +846,31 @@ async fn snapshots_and_clones_are_reflink_copies() {
     .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e}");
 
+    // An xfs volume is made at least 300 MiB, the smallest filesystem mkfs.xfs makes, unless
+    // the limit says otherwise.
+    let x = base
+        .clone()
+        .create_volume(create_with(
+            &unique("pvc"),
+            16 << 20,
+            mount_cap_fs("xfs"),
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(x.capacity_bytes, 300 << 20);
+    let mut capped = create_with(&unique("pvc"), 16 << 20, mount_cap_fs("xfs"), &[]);
+    capped.capacity_range = Some(proto::CapacityRange {
+        required_bytes: 16 << 20,
+        limit_bytes: 100 << 20,
+    });
+    let e = ctl.create_volume(capped).await.unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e}");
+    assert!(e.message().contains("mkfs.xfs"), "{e}");
+
     // Deleting the snapshot leaves the volume made from it whole.
     for s in [&snap.snapshot_id, &snap2.snapshot_id] {
         ctl.delete_snapshot(proto::DeleteSnapshotRequest {
@@ -868,7 +894,7 @@ async fn snapshots_and_clones_are_reflink_copies() {
     io(&b_iqn, &["read -P 0xa5 0 1M"]);
 
     // Deleting everything leaves the pool empty.
-    for v in [&a, &b, &c, &other] {
+    for v in [&a, &b, &c, &other, &x] {
         ctl.delete_volume(proto::DeleteVolumeRequest {
             volume_id: v.volume_id.clone(),
             ..Default::default()
