@@ -3,7 +3,7 @@
 # runs the Rust unit and integration tests, then the end-to-end tests with real initiators
 # (libiscsi tools, iscsi-test-cu, qemu-img, the Linux kernel initiator in a VM).
 # Prints one closing line: "N passed, M failed".
-# Env: SKIP_E2E=1 runs only the Rust tests; E2E_ONLY=pattern selects end-to-end cases;
+# Env: SKIP_E2E=1 leaves out the end-to-end tests with real initiators; E2E_ONLY=pattern selects end-to-end cases;
 #      SKIP_KUBE=1 leaves out the real-control-plane tests (tests/kube/run.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."

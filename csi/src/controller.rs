@@ -10,10 +10,12 @@
 //!   for a name reused with another size, OUT_OF_RANGE for a capacity range no size fits,
 //!   RESOURCE_EXHAUSTED when no pool has room, NOT_FOUND for an unknown volume or a node id
 //!   that is no initiator name, ABORTED for a stale ListVolumes token, UNAVAILABLE when the API
-//!   server cannot be reached. Nothing is half-created: the Target is the one object
-//!   CreateVolume writes.
-//! - RPCs whose capability is not advertised (snapshots, expansion, modification, cloning)
-//!   answer UNIMPLEMENTED, as the spec requires of them.
+//!   server cannot be reached. Nothing is half-created: CreateVolume writes the Target (after
+//!   the volume's CHAP Secrets, when it has CHAP), and a clone whose copy fails is deleted
+//!   again; CreateSnapshot writes one TargetSnapshot, deleted again when the copy cannot be
+//!   made ([`crate::snapshot`]).
+//! - RPCs whose capability is not advertised (GetSnapshot, volume modification, volume
+//!   health) answer UNIMPLEMENTED, as the spec requires of them.
 
 use std::collections::BTreeMap;
 

@@ -1,6 +1,6 @@
 //! The objects of API group `tgtd.unstable.cloud/v1alpha1` (Target, InitiatorGroup,
 //! InitiatorGroupBinding), field for field as tgtd-operator 0.1.2 serialises them, plus the
-//! fields ktgt adds.
+//! fields ktgt adds and ktgt's own kind, TargetSnapshot (a reflink copy of a LUN's file).
 //!
 //! # Two shapes of the same objects
 //!

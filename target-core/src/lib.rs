@@ -4,7 +4,14 @@
 //!
 //! # Layout
 //! - [`config`]: the desired state (targets, LUNs, ACLs, CHAP accounts) callers apply.
+//! - [`table`]: the live target table: applies a desired state, holds the sessions.
+//! - [`portal`]: the listening sockets; each accepted connection goes to [`session`].
+//! - [`session`]: login, then the full-feature phase of one connection.
 //! - [`scsi`]: SCSI device emulation of a block logical unit (SPC-4, SBC-3).
+//! - [`lun`]: backing stores (RAM, files and block devices through io_uring or a thread
+//!   pool) and reflink copies of files ([`lun::clone`]).
+//! - [`stats`]: per-LUN I/O counters and latency histograms.
+//! - [`workers`]: the connection threads.
 #![deny(unused_must_use)]
 
 pub mod config;

@@ -11,8 +11,9 @@
 //!
 //! # Watches
 //! Targets (all, filtered by `spec.nodeName` here: custom resources have no field selectors),
-//! InitiatorGroups, InitiatorGroupBindings, and Secrets in the namespaces this node's Targets
-//! reference for CHAP. Any event triggers a (debounced) sync, then a reconcile of every Target
+//! InitiatorGroups, InitiatorGroupBindings, Secrets in the namespaces this node's Targets
+//! reference for CHAP, and TargetSnapshots (their own controller, [`snapshot`]; those of
+//! other nodes are ignored). Any event triggers a (debounced) sync, then a reconcile of every Target
 //! so statuses follow; each Target's own changes also reconcile it directly.
 
 pub mod metrics;

@@ -1,5 +1,5 @@
-//! Prints the CustomResourceDefinitions of Target, InitiatorGroup and InitiatorGroupBinding as
-//! a YAML stream. `deploy/crds/` holds its output; `deploy/check-drift.sh` compares.
+//! Prints the CustomResourceDefinitions of Target, InitiatorGroup, InitiatorGroupBinding and
+//! TargetSnapshot as a YAML stream. `deploy/crds/` holds its output; `deploy/check-drift.sh` compares.
 //!
 //! `crdgen` prints the stream to stdout; `crdgen DIR` writes one `<plural>.yaml` per CRD into
 //! DIR instead.

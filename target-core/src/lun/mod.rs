@@ -12,8 +12,8 @@
 //! - [`MemStore`]: RAM, for tests, fuzzing and demos.
 //! - [`FileStore`] ([`Engine::ThreadPool`]): blocking `pread`/`pwrite`/`fdatasync`/`fallocate`
 //!   on tokio's blocking pool. Portable; the reference in differential tests.
-//! - [`UringStore`] ([`Engine::Uring`]): one io_uring per store, submitted to by the runtime
-//!   thread that runs the operation and reaped by a task on the runtime; see [`uring`] for the
+//! - [`UringStore`] ([`Engine::Uring`]): one io_uring per thread, shared by every store that
+//!   thread runs operations of, submitted to and reaped on that thread; see [`uring`] for the
 //!   design. [`Engine::Auto`] uses it when [`uring_available`] says so. With a buffered file
 //!   it carries writes, flushes and fallocate; buffered reads that miss the fast path below go
 //!   to tokio's blocking pool (a large copy or a page-cache miss runs beside the runtime).

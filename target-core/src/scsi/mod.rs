@@ -637,8 +637,8 @@ pub mod internal {
     use super::*;
     use crate::lun::MemStore;
 
-    /// Runs `data` through a small in-memory LU: the first byte picks the CDB length (6..=16
-    /// or 32), the CDB follows, the rest is Data-Out. Asserts the result is GOOD, CHECK
+    /// Runs `data` through a small in-memory LU: the first byte picks the CDB length (6..=16),
+    /// the CDB follows, the rest is Data-Out. Asserts the result is GOOD, CHECK
     /// CONDITION with sense, or RESERVATION CONFLICT without sense.
     pub fn fuzz_cdb(data: &[u8]) {
         let Some((&sel, rest)) = data.split_first() else {

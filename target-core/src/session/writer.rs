@@ -91,7 +91,8 @@ pub enum Out {
     /// Send these PDUs in order.
     Pdus(Vec<Pdu>),
     /// Send a command's answer in order, then give back the session read budget it held
-    /// (see `ffp::ReadBudget`): the data is in the socket then, no longer in our buffers.
+    /// (the `read_budget` semaphore of `ffp::Conn`): the data is in the socket then, no longer
+    /// in our buffers.
     Answer(Vec<Pdu>, Option<OwnedSemaphorePermit>),
     /// Send one PDU.
     Pdu(Pdu),
