@@ -4,6 +4,8 @@
 //! - [`config`]: the API objects and the pure computation of the desired state (shared by
 //!   both modes).
 //! - [`kube`]: cluster mode: watches, the Target reconciler, status, metrics.
+//! - [`admin`]: the admin socket and `ktgt-agent ls` (both modes).
 
+pub mod admin;
 pub mod config;
 pub mod kube;

@@ -73,6 +73,17 @@ enum Command {
         #[command(flatten)]
         serve: ServeArgs,
     },
+    /// Show what the running agent serves and to whom: portals, targets with their LUNs, ACL
+    /// and CHAP account names, and every session (identity, negotiated parameters, age,
+    /// commands in flight, reads and writes). Asks the agent over its admin socket.
+    Ls {
+        /// The agent's admin socket (its --admin-socket).
+        #[arg(long, default_value = ktgt_agent::admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+        /// Print the tree as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a configuration file and exit: prints the targets it describes or the errors.
     Check {
         #[arg(long, short = 'c')]
@@ -100,6 +111,11 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
+    /// Unix socket `ktgt-agent ls` asks (root-only, mode 0600) [default: /run/ktgt/admin.sock];
+    /// empty: none. A socket that cannot be made is an error when given here, a warning at the
+    /// default.
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
     /// Address to listen on (repeatable; IPv4 or [IPv6]:port).
     #[arg(long = "listen", short = 'l', default_value = "127.0.0.1:3260")]
     listen: Vec<SocketAddr>,
@@ -189,6 +205,15 @@ fn main() -> anyhow::Result<()> {
             drop(workers);
             r
         }
+        Command::Ls { admin_socket, json } => {
+            let tree = rt.block_on(ktgt_agent::admin::fetch(&admin_socket))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tree)?);
+            } else {
+                print!("{}", ktgt_agent::admin::render(&tree));
+            }
+            Ok(())
+        }
         Command::Check { config } => {
             let desired = load(&Source::File(config))?;
             for (iqn, t) in &desired.targets {
@@ -262,6 +287,45 @@ impl ServeArgs {
         Ok(Some(Arc::new(w)))
     }
 
+    /// Serves the admin socket (`ktgt-agent ls`) until `shutdown`, unless `--admin-socket ""`
+    /// or another agent holds it (a warning: `ls` then shows that one).
+    async fn start_admin(
+        &self,
+        table: &Arc<TargetTable>,
+        portals: Vec<SocketAddr>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+        use ktgt_agent::admin::{AdminServer, DEFAULT_SOCKET};
+        let path = self
+            .admin_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+        if path.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        let bound = match AdminServer::bind(&path).await {
+            Ok(b) => b,
+            Err(e) if self.admin_socket.is_none() => {
+                warn!(path = %path.display(), error = %e,
+                    "no admin socket (`ktgt-agent ls` cannot ask this agent); pass --admin-socket");
+                return Ok(None);
+            }
+            Err(e) => return Err(e).with_context(|| format!("--admin-socket {}", path.display())),
+        };
+        match bound {
+            Some(server) => Ok(Some(tokio::spawn(server.serve(
+                table.clone(),
+                portals,
+                shutdown.clone(),
+            )))),
+            None => {
+                warn!(path = %path.display(),
+                    "another agent listens on the admin socket; serving none (`ktgt-agent ls` shows that agent; pass --admin-socket)");
+                Ok(None)
+            }
+        }
+    }
+
     fn session_options(&self) -> SessionOptions {
         SessionOptions {
             queue_depth: self.queue_depth.max(1),
@@ -295,6 +359,9 @@ async fn standalone(
         portal = portal.with_workers(w);
     }
     let shutdown = CancellationToken::new();
+    let admin = args
+        .start_admin(&table, portal.local_addrs(), &shutdown)
+        .await?;
     let serve = tokio::spawn(portal.serve(shutdown.clone()));
     info!(config = %source, targets = desired.targets.len(), "ktgt-agent ready");
 
@@ -311,6 +378,9 @@ async fn standalone(
     info!("shutting down: no new connections; finishing in-flight commands");
     shutdown.cancel();
     let _ = serve.await;
+    if let Some(a) = admin {
+        let _ = a.await;
+    }
     table.flush_all().await;
     info!("stores flushed; exiting");
     Ok(())
@@ -368,6 +438,9 @@ async fn kubernetes(
         portal = portal.with_workers(w);
     }
     readiness.set(cluster::READY_PORTAL, true);
+    let admin = args
+        .start_admin(&table, portal.local_addrs(), &shutdown)
+        .await?;
     let serve = tokio::spawn(portal.serve(shutdown.clone()));
     let controller = tokio::spawn(cluster::run(
         client,
@@ -391,6 +464,9 @@ async fn kubernetes(
     let _ = serve.await;
     let _ = controller.await;
     let _ = telemetry_task.await;
+    if let Some(a) = admin {
+        let _ = a.await;
+    }
     table.flush_all().await;
     info!("stores flushed; exiting");
     Ok(())

@@ -442,3 +442,188 @@ fn cli_refuses_out_of_range_polling_and_thread_counts() {
         "unhelpful error: {err}"
     );
 }
+
+/// `ktgt-agent ls` against a running standalone agent: two initiators logged in with
+/// libiscsi (one with CHAP) appear with their names, the CHAP account's name (never its
+/// secret), and read counters that move while they read; `--json` parses; once they log
+/// out they are gone; `ls` with no agent behind the socket fails with a clear message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ls_shows_who_is_logged_in_and_what_they_do() {
+    if !have("iscsi-perf") {
+        eprintln!("SKIP ls_shows_who_is_logged_in_and_what_they_do: libiscsi-bin not installed");
+        return;
+    }
+    const OPEN: &str = "iqn.2024-01.cloud.unstable.test:ls-open";
+    const GUARDED: &str = "iqn.2024-01.cloud.unstable.test:ls-chap";
+    const A: &str = "iqn.2024-01.cloud.unstable.test:reader-a";
+    const B: &str = "iqn.2024-01.cloud.unstable.test:reader-b";
+    const SECRET: &str = "s3cret-for-ls-test";
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: {GV}\nkind: Target\nmetadata: {{name: open}}\nspec:\n  iqn: {OPEN}\n  \
+             luns: [{{lun: 0, bsType: memory, size: 16Mi}}]\n---\n\
+             apiVersion: {GV}\nkind: Target\nmetadata: {{name: guarded}}\nspec:\n  iqn: {GUARDED}\n  \
+             luns: [{{lun: 0, bsType: memory, size: 16Mi}}]\n  chap: {{secretRef: {{name: alice}}}}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {{name: alice, namespace: default}}\n\
+             stringData: {{username: alice, password: {SECRET}}}\n---\n\
+             apiVersion: {GV}\nkind: InitiatorGroup\nmetadata: {{name: readers}}\n\
+             spec: {{initiators: [{A}, {B}], addresses: [127.0.0.1]}}\n---\n\
+             apiVersion: {GV}\nkind: InitiatorGroupBinding\nmetadata: {{name: open}}\n\
+             spec: {{targetRef: {{name: open}}, initiatorGroupRef: {{name: readers}}}}\n---\n\
+             apiVersion: {GV}\nkind: InitiatorGroupBinding\nmetadata: {{name: guarded}}\n\
+             spec: {{targetRef: {{name: guarded}}, initiatorGroupRef: {{name: readers}}}}\n"
+        ),
+    )
+    .unwrap();
+    let socket = dir.path().join("run/admin.sock");
+    let port = free_port();
+    let log_path = dir.path().join("agent.log");
+    let _agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))
+            .arg("standalone")
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--admin-socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .expect("start ktgt-agent"),
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let ls = |json: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ktgt-agent"));
+        c.arg("ls").arg("--admin-socket").arg(&socket);
+        if json {
+            c.arg("--json");
+        }
+        let out = c.output().expect("run ktgt-agent ls");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    wait_for_or(
+        "the admin socket",
+        Duration::from_secs(20),
+        || ls(false).0.then_some(()),
+        log,
+    )
+    .await;
+    let mode = std::fs::metadata(&socket).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+
+    let reader = |initiator: &str, url: String| {
+        Agent(
+            Command::new("iscsi-perf")
+                .args(["-i", initiator, "-t", "60", &url])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start iscsi-perf"),
+        )
+    };
+    let a = reader(A, format!("iscsi://127.0.0.1:{port}/{OPEN}/0"));
+    let b = reader(
+        B,
+        format!("iscsi://alice%{SECRET}@127.0.0.1:{port}/{GUARDED}/0"),
+    );
+    let sessions = |tree: &Value| -> Vec<Value> {
+        tree["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|t| t["sessions"].as_array().cloned().unwrap_or_default())
+            .collect()
+    };
+    let tree = || -> Value {
+        let (ok, out, err) = ls(true);
+        assert!(ok, "ls --json: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ls --json is not JSON ({e}): {out}"))
+    };
+    let reads_of = |t: &Value, who: &str| {
+        sessions(t)
+            .iter()
+            .find(|s| s["initiator"] == who)
+            .and_then(|s| s["reads"].as_u64())
+    };
+    let first = wait_for_or(
+        "both readers in ls, reading",
+        Duration::from_secs(30),
+        || {
+            let t = tree();
+            (reads_of(&t, A)? > 0 && reads_of(&t, B)? > 0).then_some(t)
+        },
+        log,
+    )
+    .await;
+    let targets = first["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 2, "{first:#}");
+    let guarded = targets.iter().find(|t| t["iqn"] == GUARDED).unwrap();
+    assert_eq!(guarded["chap_accounts"], json!(["alice"]));
+    let sb = &guarded["sessions"][0];
+    assert_eq!(sb["initiator"], B);
+    assert_eq!(sb["chap_account"], "alice");
+    assert_eq!(sb["portal"], format!("127.0.0.1:{port}"));
+    assert!(
+        sb["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{sb}"
+    );
+    assert_eq!(sb["isid"].as_str().unwrap().len(), 12, "{sb}");
+    assert!(sb["max_burst_length"].as_u64().unwrap() > 0, "{sb}");
+    let open = targets.iter().find(|t| t["iqn"] == OPEN).unwrap();
+    assert_eq!(open["luns"][0]["size_bytes"], 16 << 20);
+    assert_eq!(open["luns"][0]["store"], "memory");
+    assert!(open["sessions"][0]["chap_account"].is_null());
+    // The counters move while they read.
+    let before = reads_of(&first, A).unwrap();
+    wait_for_or(
+        "A's read count growing",
+        Duration::from_secs(20),
+        || (reads_of(&tree(), A)? > before).then_some(()),
+        log,
+    )
+    .await;
+    // The tree as text: every session, and never a secret.
+    let (ok, text, _) = ls(false);
+    assert!(ok);
+    assert!(
+        text.contains(&format!("target {OPEN} (1 session)")),
+        "{text}"
+    );
+    assert!(text.contains(&format!("session {B} isid")), "{text}");
+    assert!(text.contains("chap: alice"), "{text}");
+    assert!(
+        !text.contains(SECRET) && !tree().to_string().contains(SECRET),
+        "{text}"
+    );
+    // Logged out: gone from the tree.
+    drop(a);
+    drop(b);
+    wait_for_or(
+        "no session left in ls",
+        Duration::from_secs(20),
+        || sessions(&tree()).is_empty().then_some(()),
+        log,
+    )
+    .await;
+    // No agent behind a socket: a clear message and a failing status, at once.
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))
+        .args(["ls", "--admin-socket"])
+        .arg(dir.path().join("nobody.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no ktgt-agent is listening"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

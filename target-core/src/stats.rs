@@ -283,6 +283,8 @@ pub fn global() -> &'static Registry {
 #[must_use = "a probe records nothing until finished"]
 pub struct Probe {
     armed: Option<(Arc<LunStats>, IoKind, Instant)>,
+    /// The session whose counters the command also goes to.
+    session: Option<Arc<crate::table::SessionHandle>>,
 }
 
 impl Probe {
@@ -297,7 +299,16 @@ impl Probe {
             }
             _ => None,
         };
-        Probe { armed }
+        Probe {
+            armed,
+            session: None,
+        }
+    }
+
+    /// Also counts the command in `session`'s [`crate::table::SessionIo`].
+    pub fn for_session(mut self, session: Option<Arc<crate::table::SessionHandle>>) -> Probe {
+        self.session = session;
+        self
     }
 
     /// As [`Probe::start`], into `registry`.
@@ -308,7 +319,10 @@ impl Probe {
             }
             _ => None,
         };
-        Probe { armed }
+        Probe {
+            armed,
+            session: None,
+        }
     }
 
     /// Records the command's outcome. `data_out_len` is the number of Data-Out bytes the
@@ -321,12 +335,18 @@ impl Probe {
             IoKind::Read => result.data_in.len() as u64,
             IoKind::Write => u64::from(data_out_len),
         };
-        stats.record(
-            kind,
-            bytes,
-            started.elapsed(),
-            result.status == status::GOOD,
-        );
+        let ok = result.status == status::GOOD;
+        stats.record(kind, bytes, started.elapsed(), ok);
+        if let Some(s) = &self.session {
+            let (ops, total) = match kind {
+                IoKind::Read => (&s.io.reads, &s.io.read_bytes),
+                IoKind::Write => (&s.io.writes, &s.io.write_bytes),
+            };
+            ops.fetch_add(1, Ordering::Relaxed);
+            if ok {
+                total.fetch_add(bytes, Ordering::Relaxed);
+            }
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +44,78 @@ pub struct SessionHandle {
     /// Cancelled to end the session; the reason is set first.
     pub cancel: CancellationToken,
     pub end_reason: Mutex<Option<EndReason>>,
+    /// What an administrator sees of the session beyond its identity (`ktgt-agent ls`).
+    pub info: SessionInfo,
+    /// The session's command counters.
+    pub io: SessionIo,
+}
+
+/// The negotiated state of a session that matters to an administrator, fixed at login.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// The portal address the connection arrived on.
+    pub portal: Option<SocketAddr>,
+    /// When the login completed.
+    pub since: SystemTime,
+    pub header_digest: bool,
+    pub data_digest: bool,
+    pub immediate_data: bool,
+    pub initial_r2t: bool,
+    pub max_burst_length: u32,
+    pub first_burst_length: u32,
+    /// Ours: the largest data segment the initiator may send.
+    pub max_recv_data_segment_length: u32,
+    /// The initiator's: the largest data segment we send.
+    pub max_send_data_segment_length: u32,
+    /// The CHAP account the initiator authenticated as (the name only).
+    pub chap_user: Option<String>,
+}
+
+impl Default for SessionInfo {
+    fn default() -> Self {
+        SessionInfo {
+            portal: None,
+            since: SystemTime::now(),
+            header_digest: false,
+            data_digest: false,
+            immediate_data: false,
+            initial_r2t: true,
+            max_burst_length: 0,
+            first_burst_length: 0,
+            max_recv_data_segment_length: 0,
+            max_send_data_segment_length: 0,
+            chap_user: None,
+        }
+    }
+}
+
+/// Counters of one session: READ and WRITE commands completed (bytes only of those that
+/// succeeded), and commands of any kind being executed now.
+#[derive(Debug, Default)]
+pub struct SessionIo {
+    pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub writes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+/// Counts one command of a session as in flight until dropped (answered, aborted, or the
+/// connection gone).
+#[derive(Debug)]
+pub struct InFlight(Arc<SessionHandle>);
+
+impl InFlight {
+    pub fn new(session: Arc<SessionHandle>) -> InFlight {
+        session.io.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(session)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.io.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl SessionHandle {
@@ -487,8 +560,10 @@ impl TargetTable {
                             lun_changed.push(t.clone());
                         }
                         if access_changed {
-                            // CHAP changes end every session (they authenticated with the old
-                            // secrets); ACL changes end the sessions the new ACL refuses.
+                            // A CHAP change ends every session while the target still asks
+                            // for CHAP (they authenticated with the old secrets; a target
+                            // that no longer asks keeps them); an ACL change ends the
+                            // sessions the new ACL refuses.
                             for s in &sessions {
                                 let refused = !tc.acl.admits(&s.initiator, s.peer.ip());
                                 if refused || (chap_changed && !tc.chap.incoming.is_empty()) {

@@ -205,6 +205,8 @@ fn login(table: &TargetTable, iqn: &str, initiator: &str, peer: &str) -> Arc<Ses
         peer: peer.parse::<SocketAddr>().unwrap(),
         cancel: CancellationToken::new(),
         end_reason: Mutex::new(None),
+        info: Default::default(),
+        io: Default::default(),
     });
     table.register_session(&target, handle.clone());
     handle

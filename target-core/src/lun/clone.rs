@@ -86,13 +86,15 @@ pub fn reflink(source: &Path, dest: &Path, min_size: Option<u64>) -> Result<u64,
     Ok(size)
 }
 
-/// `.<name>.clone-<pid>` beside `dest`: hidden, and unique per agent process.
+/// `.<name>.clone` beside `dest`: hidden, and the same for every attempt, so the leftover of
+/// an attempt cut short (a crash, a kill) is removed by the next one instead of staying in the
+/// directory for ever.
 fn temp_name(dest: &Path) -> PathBuf {
     let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    dest.with_file_name(format!(".{name}.clone-{}", std::process::id()))
+    dest.with_file_name(format!(".{name}.clone"))
 }
 
 /// Why [`copy_into`] failed: the filesystem cannot reflink, or something else did.

@@ -235,7 +235,7 @@ pub(super) async fn run(
         let name = params.target_name.clone().unwrap_or_default();
         match ctx.table.target(&name) {
             Some(t) => {
-                let h = new_handle(&ctx.table, &params, tsih, peer);
+                let h = new_handle(&ctx.table, &params, tsih, peer, local);
                 ctx.table.register_session(&t, h.clone());
                 (Some(t), Some(h))
             }
@@ -1208,7 +1208,9 @@ impl Conn {
         let lun = cmd.lun;
         let immediate = cmd.immediate;
         let iqn = self.target.as_ref().map(|t| t.iqn.as_str());
-        let probe = crate::stats::Probe::start(iqn, lu.as_deref(), &cdb);
+        let probe =
+            crate::stats::Probe::start(iqn, lu.as_deref(), &cdb).for_session(self.handle.clone());
+        let in_flight = self.handle.clone().map(crate::table::InFlight::new);
         let data_out_len: u32 = data_out.iter().map(|b| b.len() as u32).sum();
         // Read data waits for the session's read budget (see [`Conn::read_budget`]).
         let need = if cmd.read {
@@ -1228,6 +1230,7 @@ impl Conn {
                 None => scsi::execute_no_lun(&cdb, &luns),
             };
             probe.finish(&result, data_out_len);
+            drop(in_flight);
             let pdus = build_response(&cmd, result, max_seg, max_burst, write);
             // Whoever flips `answered` first owns the command's answer: this task (send the
             // status) or a task management function (the command counts as aborted and must

@@ -1,7 +1,8 @@
 //! Connections and sessions: login, then the full feature phase.
 //!
-//! One task per connection reads PDUs and dispatches them; SCSI commands run as their own
-//! tasks so many can be in flight; a writer task ([`writer`]) sends responses in completion
+//! One task per connection reads PDUs and dispatches them; a SCSI command is answered inline
+//! when it can be, else its future joins the connection's set of pending commands (polled by
+//! the same task, no task each), so many can be in flight; a writer task ([`writer`]) sends responses in completion
 //! order with StatSN assigned at send time. ErrorRecoveryLevel 0, one connection per session
 //! (RFC 7143 §7.1.5: session recovery is the only recovery at ERL 0).
 
@@ -315,6 +316,7 @@ pub(crate) fn new_handle(
     params: &SessionParams,
     tsih: u16,
     peer: SocketAddr,
+    local: SocketAddr,
 ) -> Arc<SessionHandle> {
     Arc::new(SessionHandle {
         id: table.allocate_session_id(),
@@ -324,5 +326,19 @@ pub(crate) fn new_handle(
         peer,
         cancel: CancellationToken::new(),
         end_reason: std::sync::Mutex::new(None),
+        info: crate::table::SessionInfo {
+            portal: Some(local),
+            since: std::time::SystemTime::now(),
+            header_digest: params.header_digest,
+            data_digest: params.data_digest,
+            immediate_data: params.immediate_data,
+            initial_r2t: params.initial_r2t,
+            max_burst_length: params.max_burst_length,
+            first_burst_length: params.first_burst_length,
+            max_recv_data_segment_length: params.max_recv_data_segment_length,
+            max_send_data_segment_length: params.max_send_data_segment_length,
+            chap_user: params.chap_user.clone(),
+        },
+        io: Default::default(),
     })
 }
