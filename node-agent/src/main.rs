@@ -70,6 +70,10 @@ enum Command {
         /// Without it, the embedded default (deploy/examples/standalone.yaml) is served.
         #[arg(long, short = 'c')]
         config: Option<PathBuf>,
+        /// Address of an HTTP server for /healthz, /readyz and /metrics (the same series as
+        /// Kubernetes mode). Off unless set.
+        #[arg(long)]
+        metrics_addr: Option<SocketAddr>,
         #[command(flatten)]
         serve: ServeArgs,
     },
@@ -96,8 +100,9 @@ enum Command {
         /// This node's name, as Targets name it in spec.nodeName. Defaults to $NODE_NAME.
         #[arg(long)]
         node_name: Option<String>,
-        /// Address of the /healthz, /readyz and /metrics HTTP server.
-        #[arg(long, default_value = "0.0.0.0:9100")]
+        /// Address of the /healthz, /readyz and /metrics HTTP server (not 9100: node-exporter
+        /// usually holds that port on the host network).
+        #[arg(long, default_value = "0.0.0.0:9810")]
         metrics_addr: SocketAddr,
         /// Directory of the CSI driver's volume files: when a Target annotated
         /// csi.ktgt.io/delete-backing-store=true is deleted, its LUN files under this
@@ -175,10 +180,14 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     match cli.command {
-        Command::Standalone { config, serve } => {
+        Command::Standalone {
+            config,
+            metrics_addr,
+            serve,
+        } => {
             let source = config.map(Source::File).unwrap_or(Source::Embedded);
             let workers = serve.workers()?;
-            let r = rt.block_on(standalone(source, serve, workers.clone()));
+            let r = rt.block_on(standalone(source, metrics_addr, serve, workers.clone()));
             // The threads stop (and are joined) here, after the stores were flushed.
             drop(workers);
             r
@@ -339,9 +348,11 @@ impl ServeArgs {
 
 async fn standalone(
     source: Source,
+    metrics_addr: Option<SocketAddr>,
     args: ServeArgs,
     workers: Option<Arc<Workers>>,
 ) -> anyhow::Result<()> {
+    use ktgt_operator::telemetry::{self, Readiness, TelemetryServer};
     let desired = load(&source).with_context(|| format!("invalid configuration: {source}"))?;
     let table = TargetTable::new();
     table.set_engine(args.engine());
@@ -359,6 +370,22 @@ async fn standalone(
         portal = portal.with_workers(w);
     }
     let shutdown = CancellationToken::new();
+    let telemetry_task = match metrics_addr {
+        Some(addr) => {
+            let mut registry = telemetry::registry();
+            registry.register_collector(Box::new(ktgt_agent::metrics::AgentCollector::new(
+                table.clone(),
+            )));
+            let readiness = Readiness::new(&[ktgt_agent::kube::READY_PORTAL]);
+            readiness.set(ktgt_agent::kube::READY_PORTAL, true);
+            let server = TelemetryServer::bind(addr, registry, readiness)
+                .await
+                .with_context(|| format!("--metrics-addr {addr}"))?;
+            info!(addr = %server.local_addr()?, "serving /healthz, /readyz and /metrics");
+            Some(tokio::spawn(server.serve(shutdown.clone())))
+        }
+        None => None,
+    };
     let admin = args
         .start_admin(&table, portal.local_addrs(), &shutdown)
         .await?;
@@ -380,6 +407,9 @@ async fn standalone(
     let _ = serve.await;
     if let Some(a) = admin {
         let _ = a.await;
+    }
+    if let Some(t) = telemetry_task {
+        let _ = t.await;
     }
     table.flush_all().await;
     info!("stores flushed; exiting");
@@ -418,7 +448,7 @@ async fn kubernetes(
 
     let mut registry = telemetry::registry();
     let metrics = ReconcileMetrics::register(&mut registry);
-    registry.register_collector(Box::new(cluster::metrics::AgentCollector::new(
+    registry.register_collector(Box::new(ktgt_agent::metrics::AgentCollector::new(
         table.clone(),
     )));
     let readiness = Readiness::new(&[cluster::READY_INITIAL_SYNC, cluster::READY_PORTAL]);

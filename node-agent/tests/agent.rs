@@ -443,10 +443,12 @@ fn cli_refuses_out_of_range_polling_and_thread_counts() {
     );
 }
 
-/// `ktgt-agent ls` against a running standalone agent: two initiators logged in with
-/// libiscsi (one with CHAP) appear with their names, the CHAP account's name (never its
-/// secret), and read counters that move while they read; `--json` parses; once they log
-/// out they are gone; `ls` with no agent behind the socket fails with a clear message.
+/// `ktgt-agent ls` and `/metrics` against a running standalone agent: two initiators logged
+/// in with libiscsi (one with CHAP) appear with their names, the CHAP account's name (never
+/// its secret), and read counters that move while they read, in `ls` and as per-session
+/// series; `--json` parses; refused logins (wrong CHAP, not in the ACL, unknown target) are
+/// counted by reason; once the readers log out they are gone from both; `ls` with no agent
+/// behind the socket, or as a user who may not open it, fails with a clear message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ls_shows_who_is_logged_in_and_what_they_do() {
     if !have("iscsi-perf") {
@@ -480,6 +482,7 @@ async fn ls_shows_who_is_logged_in_and_what_they_do() {
     .unwrap();
     let socket = dir.path().join("run/admin.sock");
     let port = free_port();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let log_path = dir.path().join("agent.log");
     let _agent = Agent(
         Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))
@@ -487,6 +490,7 @@ async fn ls_shows_who_is_logged_in_and_what_they_do() {
             .arg("--config")
             .arg(&config)
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-addr", &metrics.to_string()])
             .arg("--admin-socket")
             .arg(&socket)
             .stdout(Stdio::null())
@@ -592,6 +596,97 @@ async fn ls_shows_who_is_logged_in_and_what_they_do() {
         log,
     )
     .await;
+    // The same sessions as series of /metrics, moving too; health and readiness.
+    assert_eq!(http_get(metrics, "/healthz").0, 200);
+    assert_eq!(http_get(metrics, "/readyz").0, 200);
+    let scrape = || http_get(metrics, "/metrics").1;
+    let series = |text: &str, name: &str, has: &[&str]| -> Option<f64> {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+            .find(|l| has.iter().all(|h| l.contains(h)))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let a_label = format!("initiator=\"{A}\"");
+    let a_reads = |text: &str| series(text, "ktgt_session_ops_total", &[&a_label, "op=\"read\""]);
+    let seen =
+        a_reads(&scrape()).unwrap_or_else(|| panic!("no session series for A:\n{}", scrape()));
+    wait_for_or(
+        "A's read series growing",
+        Duration::from_secs(20),
+        || (a_reads(&scrape())? > seen).then_some(()),
+        log,
+    )
+    .await;
+    let text = scrape();
+    assert!(
+        series(
+            &text,
+            "ktgt_session_bytes_total",
+            &[&format!("initiator=\"{B}\""), "op=\"read\""]
+        )
+        .is_some_and(|v| v > 0.0),
+        "{text}"
+    );
+    assert!(
+        series(
+            &text,
+            "ktgt_logins_total",
+            &[&format!("target=\"{GUARDED}\""), "result=\"success\""]
+        ) == Some(1.0),
+        "{text}"
+    );
+    // Refused logins, each counted under its reason (and never a secret in the log).
+    let (ok, out) = iscsi(
+        "iscsi-inq",
+        &[
+            "-i",
+            A,
+            &format!("iscsi://alice%wrong-secret-xx@127.0.0.1:{port}/{GUARDED}/0"),
+        ],
+    );
+    assert!(!ok, "{out}");
+    let (ok, out) = iscsi(
+        "iscsi-inq",
+        &[
+            "-i",
+            "iqn.2024-01.cloud.unstable.test:stranger",
+            &format!("iscsi://127.0.0.1:{port}/{OPEN}/0"),
+        ],
+    );
+    assert!(!ok, "{out}");
+    let (ok, out) = iscsi(
+        "iscsi-inq",
+        &[
+            "-i",
+            A,
+            &format!("iscsi://127.0.0.1:{port}/iqn.2024-01.cloud.unstable.test:no-such/0"),
+        ],
+    );
+    assert!(!ok, "{out}");
+    let text = scrape();
+    for (target, result) in [
+        (GUARDED, "auth_failed"),
+        (OPEN, "not_in_acl"),
+        ("", "unknown_target"),
+    ] {
+        assert_eq!(
+            series(
+                &text,
+                "ktgt_logins_total",
+                &[
+                    &format!("target=\"{target}\""),
+                    &format!("result=\"{result}\"")
+                ]
+            ),
+            Some(1.0),
+            "{result}:\n{text}"
+        );
+    }
+    assert!(
+        !text.contains("no-such"),
+        "a peer's target name became a label:\n{text}"
+    );
+    assert!(!log().contains(SECRET) && !log().contains("wrong-secret-xx"));
     // The tree as text: every session, and never a secret.
     let (ok, text, _) = ls(false);
     assert!(ok);
@@ -605,9 +700,12 @@ async fn ls_shows_who_is_logged_in_and_what_they_do() {
         !text.contains(SECRET) && !tree().to_string().contains(SECRET),
         "{text}"
     );
-    // Logged out: gone from the tree.
-    drop(a);
-    drop(b);
+    // Logged out (iscsi-perf logs out on SIGINT): gone from the tree and from /metrics.
+    for r in [&a, &b] {
+        let _ = Command::new("kill")
+            .args(["-INT", &r.0.id().to_string()])
+            .status();
+    }
     wait_for_or(
         "no session left in ls",
         Duration::from_secs(20),
@@ -615,6 +713,45 @@ async fn ls_shows_who_is_logged_in_and_what_they_do() {
         log,
     )
     .await;
+    let text = scrape();
+    assert!(!text.contains("ktgt_session_ops_total{"), "{text}");
+    assert!(!text.contains("ktgt_session_commands_in_flight{"), "{text}");
+    for target in [OPEN, GUARDED] {
+        assert_eq!(
+            series(
+                &text,
+                "ktgt_sessions_ended_total",
+                &[&format!("target=\"{target}\""), "reason=\"logout\""]
+            ),
+            Some(1.0),
+            "{text}"
+        );
+    }
+    drop(a);
+    drop(b);
+    // A user who may not open the socket (nobody; only root can start it as another user):
+    // told so, at once.
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    if root {
+        use std::os::unix::process::CommandExt;
+        let started = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))
+            .args(["ls", "--admin-socket"])
+            .arg(&socket)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("permission denied"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    } else {
+        eprintln!("not root: the permission case of ls is not checked");
+    }
     // No agent behind a socket: a clear message and a failing status, at once.
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))

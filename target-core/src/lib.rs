@@ -11,10 +11,13 @@
 //! - [`lun`]: backing stores (RAM, files and block devices through io_uring or a thread
 //!   pool) and reflink copies of files ([`lun::clone`]).
 //! - [`stats`]: per-LUN I/O counters and latency histograms.
+//! - [`events`]: logins, Rejects, task management, unit attentions and session ends counted
+//!   by reason, and the notices (refused logins, dropped sessions) an operator should hear of.
 //! - [`workers`]: the connection threads.
 #![deny(unused_must_use)]
 
 pub mod config;
+pub mod events;
 pub mod lun;
 mod parts;
 pub mod portal;

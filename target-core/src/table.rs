@@ -21,7 +21,7 @@ use crate::lun::{BackendError, Engine, MemStore, Store, StoreConfig};
 use crate::scsi::{LogicalUnit, LuIdentity, UnitAttention};
 
 /// Why a session is being ended by the target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum EndReason {
     /// The initiator lost access (ACL or CHAP change).
     AccessRevoked,
@@ -592,6 +592,8 @@ impl TargetTable {
                 }
             }
         }
+        // The login and session-end series of a target go with it.
+        crate::events::global().retain_targets(|iqn| desired.targets.contains_key(iqn));
         report
     }
 

@@ -7,7 +7,7 @@
 //! - [`status`]: a Target's conditions and observed state from a sync's [`status::NodeView`].
 //! - [`reconcile`]: the Target controller (finalizer, status patch, Events).
 //! - [`snapshot`]: the TargetSnapshot controller (reflink copies of this node's LUN files).
-//! - [`metrics`]: sessions and per-LUN counters for `/metrics`.
+//! - [`notices`]: rate-limited Events on a Target for refused logins and dropped sessions.
 //!
 //! # Watches
 //! Targets (all, filtered by `spec.nodeName` here: custom resources have no field selectors),
@@ -16,7 +16,7 @@
 //! other nodes are ignored). Any event triggers a (debounced) sync, then a reconcile of every Target
 //! so statuses follow; each Target's own changes also reconcile it directly.
 
-pub mod metrics;
+pub mod notices;
 pub mod reconcile;
 pub mod snapshot;
 pub mod status;
@@ -124,6 +124,12 @@ pub async fn run(
         ctx = ctx.with_volume_dir(dir);
     }
     let ctx = Arc::new(ctx);
+    // Refused logins and dropped sessions become (rate-limited) Events on their Target.
+    tasks.push(tokio::spawn(notices::run(
+        ctx.clone(),
+        target_core::events::global().subscribe(),
+        shutdown.clone(),
+    )));
 
     // The node-wide sync loop: applies every change at once (revocation does not wait for a
     // Target reconcile), then asks for every Target's status to be recomputed.

@@ -416,7 +416,7 @@ fn remove_volume_files(target: &Target, dir: Option<&Path>) {
 }
 
 /// Events are best effort: a failure is logged, never fails the reconcile.
-async fn publish(ctx: &Context, target: &Target, event: Event) {
+pub(crate) async fn publish(ctx: &Context, target: &Target, event: Event) {
     let reference = target.object_ref(&());
     if let Err(e) = ctx.recorder.publish(&event, &reference).await {
         warn!(target_name = %target.name_any(), error = %e, reason = %event.reason,

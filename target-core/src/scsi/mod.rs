@@ -455,6 +455,7 @@ impl LogicalUnit {
         let mut st = self.lock();
         st.ua
             .insert(nexus, VecDeque::from([UnitAttention::PowerOnReset]));
+        crate::events::global().unit_attention(UnitAttention::PowerOnReset);
         st.ports.insert(nexus, Arc::from(initiator_port));
         self.refresh_ua_pending(&st);
     }
@@ -547,11 +548,13 @@ fn push_ua(q: &mut VecDeque<UnitAttention>, ua: UnitAttention) {
         }
         q.clear();
         q.push_back(ua);
+        crate::events::global().unit_attention(ua);
         return;
     }
     if q.contains(&ua) {
         return;
     }
+    crate::events::global().unit_attention(ua);
     if q.len() >= MAX_PENDING_UA {
         // Keep a queued reset at the front; drop the oldest other condition.
         let idx = usize::from(q.front().is_some_and(|u| u.is_reset()));

@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use super::writer::{self, Counters, Out, OutTx};
 use super::{new_handle, ConnectionContext, ConnectionError, LoggedIn};
+use crate::events::{Notice, SessionEnd};
 use crate::scsi::{self, LogicalUnit, ScsiError, ScsiResult, Sense, SenseKey};
 use crate::table::{EndReason, SessionHandle, Target};
 
@@ -199,6 +200,8 @@ struct Conn {
     /// is for those: a connection that waits on its store anyway (O_DIRECT, a slow disk)
     /// gains little from saving the wake-up for the next command.
     last_inline: bool,
+    /// How the session ended, when the target or a Logout decided it.
+    ended: Option<SessionEnd>,
 }
 
 pub(super) async fn run(
@@ -281,17 +284,34 @@ pub(super) async fn run(
         next_follow: Instant::now(),
         ping_outstanding: None,
         last_inline: false,
+        ended: None,
     };
     let result = conn.serve(rd, rbuf, codec).await;
     conn.finish().await;
     let _ = writer.await;
+    let end = conn.ended.unwrap_or(match &result {
+        Ok(()) => SessionEnd::ConnectionClosed,
+        Err(ConnectionError::NopTimeout(_)) => SessionEnd::NopTimeout,
+        Err(_) => SessionEnd::ConnectionError,
+    });
     if let (Some(t), Some(h)) = (&conn.target, &conn.handle) {
         conn.ctx.table.unregister_session(t, h.id);
+        let events = crate::events::global();
+        events.session_ended(&t.iqn, end);
+        if end.is_drop() {
+            events.notify(Notice::SessionDropped {
+                target: t.iqn.clone(),
+                initiator: conn.params.initiator_name.clone(),
+                peer: conn.peer,
+                end,
+            });
+        }
     }
     info!(
         peer = %conn.peer,
         initiator = %conn.params.initiator_name,
         target = conn.params.target_name.as_deref().unwrap_or("-"),
+        reason = end.as_str(),
         "session ended"
     );
     result
@@ -642,6 +662,7 @@ impl Conn {
     }
 
     async fn reject(&self, reason: RejectReason, header: &[u8]) {
+        crate::events::global().reject(reason);
         // RFC 7143 §11.17: the data segment carries "the complete header of the PDU being
         // rejected".
         let hdr = Bytes::copy_from_slice(&header[..header.len().min(BHS_LEN)]);
@@ -1389,6 +1410,7 @@ impl Conn {
             tmf::TASK_REASSIGN => tmf_response::REASSIGNMENT_NOT_SUPPORTED,
             _ => tmf_response::REJECTED,
         };
+        crate::events::global().task_management(t.function, response);
         // Aborted writes gave their budget back.
         self.admit_writes().await;
         self.send(Pdu::new(
@@ -1560,6 +1582,7 @@ impl Conn {
         ))
         .await;
         if response == 0 {
+            self.ended = Some(SessionEnd::Logout);
             info!(peer = %self.peer, initiator = %self.params.initiator_name, target = self.params.target_name.as_deref().unwrap_or("-"), "logout");
             self.flush().await;
             return Ok(false);
@@ -1587,6 +1610,7 @@ impl Conn {
     /// The target ends the session: finish what runs (bounded), tell the initiator with an
     /// Asynchronous Message, and close.
     async fn end_by_target(&mut self, reason: EndReason) {
+        self.ended = Some(SessionEnd::Target(reason));
         info!(peer = %self.peer, initiator = %self.params.initiator_name, target = self.params.target_name.as_deref().unwrap_or("-"), ?reason, "target ends session");
         self.drain(self.ctx.options.drain_timeout).await;
         if reason != EndReason::Reinstated {

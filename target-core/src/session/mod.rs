@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::chap_secret;
+use crate::events::{LoginOutcome, Notice};
 use crate::table::{SessionHandle, TargetTable};
 
 /// Knobs of the session layer.
@@ -284,6 +285,7 @@ async fn login_phase(
                     tsih,
                     "login complete"
                 );
+                crate::events::global().login(params.target_name.as_deref(), LoginOutcome::Success);
                 return Ok(Some(LoggedIn {
                     params,
                     tsih,
@@ -301,6 +303,22 @@ async fn login_phase(
                     error = %error,
                     "login refused"
                 );
+                // Counted under the target's name only when the table serves it: a peer
+                // cannot mint series by naming targets (see `crate::events`).
+                let outcome = LoginOutcome::of_error(&error);
+                let served = (!target.is_empty() && ctx.table.target(&target).is_some())
+                    .then_some(target.as_str());
+                let events = crate::events::global();
+                events.login(served, outcome);
+                if let Some(t) = served {
+                    events.notify(Notice::LoginRefused {
+                        target: t.to_owned(),
+                        initiator: initiator.clone(),
+                        peer,
+                        outcome,
+                        message: error.to_string(),
+                    });
+                }
                 codec.encode(&response, &mut wbuf);
                 stream.write_all(&wbuf).await?;
                 let _ = stream.shutdown().await;

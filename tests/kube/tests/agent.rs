@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::events::v1::Event as TargetEvent;
 use ktgt_kube_tests::agent::{
     assert_nothing_forbidden, skip_without_libiscsi, Agent, AGENT_USER, CLIENT, STRANGER,
 };
@@ -109,6 +110,40 @@ fn assert_no_failed_reconcile(agent: &Agent) {
     );
 }
 
+/// The Events (events.k8s.io/v1) about Target `name` with `reason`.
+async fn events_of(cp: &ControlPlane, name: &str, reason: &str) -> Vec<TargetEvent> {
+    let events: Api<TargetEvent> = Api::all(cp.client().await);
+    let list = events.list(&Default::default()).await.unwrap();
+    list.items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().is_some_and(|r| {
+                    r.kind.as_deref() == Some("Target") && r.name.as_deref() == Some(name)
+                })
+        })
+        .collect()
+}
+
+/// Waits for at least one such Event.
+async fn wait_event(
+    cp: &ControlPlane,
+    agent: &Agent,
+    name: &str,
+    reason: &str,
+) -> Vec<TargetEvent> {
+    wait_for(
+        &format!("a {reason} Event on Target {name}"),
+        Duration::from_secs(20),
+        || async {
+            let v = events_of(cp, name, reason).await;
+            (!v.is_empty()).then_some(v)
+        },
+        || agent.proc.log_tail(30),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bound_initiator_logs_in_and_deleting_the_binding_or_group_logs_it_out() {
     if skip_without_libiscsi("bound_initiator") {
@@ -169,6 +204,11 @@ async fn a_bound_initiator_logs_in_and_deleting_the_binding_or_group_logs_it_out
         u.status
     );
 
+    // The stranger's refusal is an Event on the Target.
+    let stranger = wait_event(cp, &agent, &t, "LoginNotInACL").await;
+    let note = stranger[0].note.clone().unwrap_or_default();
+    assert!(note.contains(STRANGER), "{note}");
+
     // Deleting the binding logs the session out and refuses the next login.
     let url = agent.url(&t_iqn, 0);
     let delete = |kind: &'static str, name: String| async move {
@@ -183,6 +223,13 @@ async fn a_bound_initiator_logs_in_and_deleting_the_binding_or_group_logs_it_out
             "the binding is deleted",
         )
         .await;
+    // The session that lost its access: an Event saying so.
+    let revoked = wait_event(cp, &agent, &t, "SessionAccessRevoked").await;
+    let note = revoked[0].note.clone().unwrap_or_default();
+    assert!(
+        note.contains(CLIENT) && note.contains("access_revoked"),
+        "{note}"
+    );
     wait_target(&targets, &agent, &t, "ACL emptied in status", |t| {
         t.status
             .as_ref()
@@ -316,9 +363,34 @@ async fn chap_accounts_from_a_secret_and_deleting_the_secret_revokes() {
         "wrong secret admitted"
     );
     assert!(!agent.can_log_in(CLIENT, &t_iqn), "admitted without CHAP");
-    // The secret never shows in status, logs or metrics.
+    assert!(
+        !iscsi("iscsi-inq", &["-i", CLIENT, &wrong]).0,
+        "wrong secret admitted"
+    );
+    // Three refusals counted by reason; one Event on the Target for them (rate-limited: one
+    // per Target, reason and initiator a minute).
+    let auth_failed = format!("ktgt_logins_total{{target=\"{t_iqn}\",result=\"auth_failed\"}} 3");
+    assert!(
+        agent.metrics_text().contains(&auth_failed),
+        "{auth_failed} not in:\n{}",
+        agent.metrics_text()
+    );
+    let refused = wait_event(cp, &agent, &t, "LoginAuthFailed").await;
+    // Give a second (wrong) Event the time to appear, then count.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refused_now = events_of(cp, &t, "LoginAuthFailed").await;
+    assert_eq!(refused_now.len(), 1, "{refused_now:#?}");
+    let note = refused[0].note.clone().unwrap_or_default();
+    assert!(note.contains(CLIENT), "{note}");
+    assert!(
+        refused_now[0].series.is_none() && refused_now[0].deprecated_count.unwrap_or(1) <= 1,
+        "the retries were published: {refused_now:#?}"
+    );
+    assert_eq!(refused[0].type_.as_deref(), Some("Warning"));
+    // The secret never shows in status, logs, metrics or Events.
     assert!(!agent.proc.log_text().contains(password));
     assert!(!agent.metrics_text().contains(password));
+    assert!(!note.contains(password) && !note.contains("not-the-password"));
 
     let delete_secret = async {
         cp.kubectl(&["delete", "secret", "-n", "ktgt-system", &s]);

@@ -1,5 +1,6 @@
-//! The agent's read-on-scrape metrics: sessions and served targets from the table, per-LUN
-//! I/O from [`target_core::stats`].
+//! The agent's read-on-scrape metrics (both modes): sessions and served targets from the
+//! table, per-LUN I/O from [`target_core::stats`], per-session counters, and logins, Rejects,
+//! task management functions, unit attentions and session ends from [`target_core::events`].
 //!
 //! | metric | labels |
 //! |---|---|
@@ -9,6 +10,19 @@
 //! | `ktgt_lun_bytes_total` | `target`, `lun`, `op` |
 //! | `ktgt_lun_errors_total` | `target`, `lun`, `op` |
 //! | `ktgt_lun_latency_seconds` (histogram) | `target`, `lun`, `op` |
+//! | `ktgt_session_ops_total` | `target`, `initiator`, `isid`, `tsih`, `op` |
+//! | `ktgt_session_bytes_total` | `target`, `initiator`, `isid`, `tsih`, `op` |
+//! | `ktgt_session_commands_in_flight` (gauge) | `target`, `initiator`, `isid`, `tsih` |
+//! | `ktgt_logins_total` | `target` (empty: discovery or not served), `result` |
+//! | `ktgt_sessions_ended_total` | `target`, `reason` |
+//! | `ktgt_pdu_rejects_total` | `reason` |
+//! | `ktgt_task_management_total` | `function`, `response` |
+//! | `ktgt_unit_attentions_total` | `condition` |
+//!
+//! Per-session series exist while the session does: they are read from the table on each
+//! scrape, so a session that ends takes its series with it (at most `--max-connections` of
+//! them). `result` is one of `success`, `auth_failed`, `not_in_acl`, `unknown_target`,
+//! `protocol_error`; the other label values are listed in [`target_core::events`].
 
 use std::sync::Arc;
 
@@ -16,6 +30,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
+use target_core::events;
 use target_core::stats::{self, DirectionSnapshot, IoKind};
 use target_core::table::TargetTable;
 
@@ -24,6 +39,7 @@ use target_core::table::TargetTable;
 pub struct AgentCollector {
     table: Arc<TargetTable>,
     stats: &'static stats::Registry,
+    events: &'static events::Registry,
 }
 
 impl AgentCollector {
@@ -31,6 +47,7 @@ impl AgentCollector {
         AgentCollector {
             table,
             stats: stats::global(),
+            events: events::global(),
         }
     }
 
@@ -39,6 +56,7 @@ impl AgentCollector {
         AgentCollector {
             table,
             stats: registry,
+            events: events::global(),
         }
     }
 }
@@ -129,8 +147,144 @@ impl Collector for AgentCollector {
                     )?;
             }
         }
+        encode_sessions(&mut encoder, &targets)?;
+        encode_events(&mut encoder, &self.events.snapshot())
+    }
+}
+
+/// Per-session series, read from the live sessions.
+fn encode_sessions(
+    encoder: &mut DescriptorEncoder,
+    targets: &[Arc<target_core::table::Target>],
+) -> Result<(), std::fmt::Error> {
+    use std::sync::atomic::Ordering::Relaxed;
+    struct Row {
+        target: String,
+        initiator: String,
+        isid: String,
+        tsih: String,
+        io: [(u64, u64); 2],
+        in_flight: u64,
+    }
+    let mut rows = Vec::new();
+    for t in targets {
+        for s in t.sessions() {
+            rows.push(Row {
+                target: t.iqn.clone(),
+                initiator: s.initiator.clone(),
+                isid: s.isid.iter().map(|b| format!("{b:02x}")).collect(),
+                tsih: s.tsih.to_string(),
+                io: [
+                    (s.io.reads.load(Relaxed), s.io.read_bytes.load(Relaxed)),
+                    (s.io.writes.load(Relaxed), s.io.write_bytes.load(Relaxed)),
+                ],
+                in_flight: s.io.in_flight.load(Relaxed),
+            });
+        }
+    }
+    let labels = |r: &'_ Row| {
+        [
+            ("target", r.target.clone()),
+            ("initiator", r.initiator.clone()),
+            ("isid", r.isid.clone()),
+            ("tsih", r.tsih.clone()),
+        ]
+    };
+    for (name, help, bytes) in [
+        (
+            "session_ops",
+            "READ/WRITE commands completed, by session and direction",
+            false,
+        ),
+        (
+            "session_bytes",
+            "Bytes read or written by the session's completed commands",
+            true,
+        ),
+    ] {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for r in &rows {
+            for (i, op) in ["read", "write"].into_iter().enumerate() {
+                let [a, b, c, d] = labels(r);
+                let l = [a, b, c, d, ("op", op.to_owned())];
+                let v = if bytes { r.io[i].1 } else { r.io[i].0 };
+                family
+                    .encode_family(&l)?
+                    .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+            }
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "session_commands_in_flight",
+        "Commands of the session being executed now",
+        None,
+        MetricType::Gauge,
+    )?;
+    for r in &rows {
+        family
+            .encode_family(&labels(r))?
+            .encode_gauge(&(r.in_flight as i64))?;
+    }
+    Ok(())
+}
+
+/// Counters by reason from [`target_core::events`].
+fn encode_events(
+    encoder: &mut DescriptorEncoder,
+    s: &events::Snapshot,
+) -> Result<(), std::fmt::Error> {
+    fn counter<'a, L: prometheus_client::encoding::EncodeLabelSet + 'a>(
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        rows: impl Iterator<Item = (L, u64)>,
+    ) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (labels, v) in rows {
+            family
+                .encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+        }
         Ok(())
     }
+    counter(
+        encoder,
+        "logins",
+        "Logins by target and result (success or the reason of the refusal)",
+        s.logins
+            .iter()
+            .map(|((t, o), v)| ([("target", t.as_str()), ("result", o.as_str())], *v)),
+    )?;
+    counter(
+        encoder,
+        "sessions_ended",
+        "Full-feature sessions that ended, by target and reason",
+        s.sessions_ended
+            .iter()
+            .map(|((t, e), v)| ([("target", t.as_str()), ("reason", e.as_str())], *v)),
+    )?;
+    counter(
+        encoder,
+        "pdu_rejects",
+        "Reject PDUs sent, by reason (RFC 7143 section 11.17.1)",
+        s.rejects.iter().map(|(r, v)| ([("reason", *r)], *v)),
+    )?;
+    counter(
+        encoder,
+        "task_management",
+        "Task management functions answered, by function and response",
+        s.task_management
+            .iter()
+            .map(|((f, r), v)| ([("function", *f), ("response", *r)], *v)),
+    )?;
+    counter(
+        encoder,
+        "unit_attentions",
+        "Unit attention conditions established, by condition (one per I_T nexus)",
+        s.unit_attentions
+            .iter()
+            .map(|(c, v)| ([("condition", *c)], *v)),
+    )
 }
 
 #[cfg(test)]
