@@ -18,11 +18,14 @@
 //! | `ktgt_pdu_rejects_total` | `reason` |
 //! | `ktgt_task_management_total` | `function`, `response` |
 //! | `ktgt_unit_attentions_total` | `condition` |
+//! | `ktgt_target_ready` (gauge, cluster mode) | `name`, `target`, `reason` |
 //!
 //! Per-session series exist while the session does: they are read from the table on each
 //! scrape, so a session that ends takes its series with it (at most `--max-connections` of
 //! them). `result` is one of `success`, `auth_failed`, `not_in_acl`, `unknown_target`,
 //! `protocol_error`; the other label values are listed in [`target_core::events`].
+//! `ktgt_target_ready` is 1 for each Target object of this node whose Ready condition is True,
+//! 0 otherwise (with the condition's reason), as the last reconcile wrote it ([`TargetReadiness`]).
 
 use std::sync::Arc;
 
@@ -33,6 +36,39 @@ use prometheus_client::metrics::MetricType;
 use target_core::events;
 use target_core::stats::{self, DirectionSnapshot, IoKind};
 use target_core::table::TargetTable;
+
+/// The Ready condition of each Target object this node serves, as its last reconcile wrote
+/// it (cluster mode; empty in standalone mode, where a configuration that cannot be served
+/// is refused whole).
+#[derive(Debug, Default)]
+pub struct TargetReadiness(
+    std::sync::Mutex<std::collections::BTreeMap<String, (String, bool, String)>>,
+);
+
+impl TargetReadiness {
+    /// Target object `name` (serving `iqn`) is ready or not, for `reason`.
+    pub fn set(&self, name: &str, iqn: &str, ready: bool, reason: &str) {
+        self.lock()
+            .insert(name.to_owned(), (iqn.to_owned(), ready, reason.to_owned()));
+    }
+
+    /// Target object `name` is no longer this node's (deleted or moved).
+    pub fn remove(&self, name: &str) {
+        self.lock().remove(name);
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, (String, bool, String)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The process-wide [`TargetReadiness`] the Target reconciler writes.
+pub fn target_readiness() -> &'static TargetReadiness {
+    static GLOBAL: std::sync::OnceLock<TargetReadiness> = std::sync::OnceLock::new();
+    GLOBAL.get_or_init(TargetReadiness::default)
+}
 
 /// Collects from the live table and the global LUN stats registry on each scrape.
 #[derive(Debug)]
@@ -148,7 +184,24 @@ impl Collector for AgentCollector {
             }
         }
         encode_sessions(&mut encoder, &targets)?;
-        encode_events(&mut encoder, &self.events.snapshot())
+        encode_events(&mut encoder, &self.events.snapshot())?;
+        let mut ready = encoder.encode_descriptor(
+            "target_ready",
+            "1 when the Target object's Ready condition is True, else 0 (cluster mode)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, (iqn, is_ready, reason)) in target_readiness().lock().iter() {
+            let labels = [
+                ("name", name.as_str()),
+                ("target", iqn.as_str()),
+                ("reason", reason.as_str()),
+            ];
+            ready
+                .encode_family(&labels)?
+                .encode_gauge(&i64::from(*is_ready))?;
+        }
+        Ok(())
     }
 }
 

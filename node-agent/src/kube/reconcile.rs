@@ -216,6 +216,7 @@ pub fn is_ours(target: &Target, node: &str) -> bool {
 /// Reconciles one Target (see the module docs).
 pub async fn reconcile(target: Arc<Target>, ctx: Arc<Context>) -> Result<Action, Error> {
     if !is_ours(&target, ctx.syncer.node()) {
+        crate::metrics::target_readiness().remove(&target.name_any());
         return Ok(Action::await_change());
     }
     let started = Instant::now();
@@ -269,7 +270,14 @@ async fn apply(target: &Target, ctx: &Context, api: &Api<Target>) -> Result<Acti
         patch_status(api, &name, &status).await?;
     }
     publish_transition(ctx, target, target.status.as_ref(), &status).await;
-    let ready = status::ready_condition(Some(&status)).is_some_and(|c| c.status == "True");
+    let condition = status::ready_condition(Some(&status));
+    let ready = condition.is_some_and(|c| c.status == "True");
+    crate::metrics::target_readiness().set(
+        &name,
+        &target.spec.iqn,
+        ready,
+        condition.and_then(|c| c.reason.as_deref()).unwrap_or(""),
+    );
     Ok(Action::requeue(if ready { RESYNC } else { RETRY_FAILED }))
 }
 
@@ -329,6 +337,7 @@ async fn publish_transition(
 }
 
 async fn cleanup(target: &Target, ctx: &Context) -> Result<Action, Error> {
+    crate::metrics::target_readiness().remove(&target.name_any());
     let iqn = &target.spec.iqn;
     let sessions = ctx
         .syncer
