@@ -76,10 +76,7 @@ fn desired() -> DesiredState {
         iqn: TARGET.to_owned(),
         alias: None,
         luns: [(0, lun)].into_iter().collect(),
-        acl: Acl {
-            initiators: vec![INITIATOR.to_owned()],
-            addresses: vec![AddressRule::All],
-        },
+        acl: Acl::single(vec![INITIATOR.to_owned()], vec![AddressRule::All]),
         chap: ChapConfig::default(),
     };
     DesiredState {

@@ -48,15 +48,25 @@ pub struct TargetNode {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alias: Option<String>,
     pub luns: Vec<LunNode>,
-    /// Initiator names allowed to log in (empty: any name)...
-    pub acl_initiators: Vec<String>,
-    /// ...from these addresses (empty: any address). Both empty: nobody.
-    pub acl_addresses: Vec<String>,
+    /// Who may log in: one grant per bound InitiatorGroup, each judged on its own. None:
+    /// nobody.
+    pub acl: Vec<GrantNode>,
     /// CHAP: the account names initiators log in as, and the target's own (mutual).
     pub chap_accounts: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chap_mutual_account: Option<String>,
     pub sessions: Vec<SessionNode>,
+}
+
+/// One grant of a target's ACL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrantNode {
+    /// Where it comes from (`binding B, group G`); empty when the configuration names none.
+    pub source: String,
+    /// Initiator names it admits (empty: any name)...
+    pub initiators: Vec<String>,
+    /// ...from these addresses (empty: any address). Both empty: nobody.
+    pub addresses: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,6 +79,8 @@ pub struct LunNode {
     /// `io_uring`, `threadpool` or `memory`.
     pub engine: String,
     pub read_only: bool,
+    /// Opened O_DIRECT (no page cache on the storage node).
+    pub direct: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,15 +132,24 @@ pub fn tree(table: &TargetTable, portals: &[std::net::SocketAddr]) -> Tree {
                         .map_or_else(|| "memory".to_owned(), |p| p.display().to_string()),
                     engine: lu.store.kind().to_owned(),
                     read_only: lu.read_only,
+                    direct: state.lun_config(lu.lun).is_some_and(|c| c.direct),
                 })
                 .collect();
-            let acl_addresses = state
+            let acl = state
                 .acl
-                .addresses
+                .grants
                 .iter()
-                .map(|a| match a {
-                    AddressRule::All => "ALL".to_owned(),
-                    AddressRule::Net(n) => n.to_string(),
+                .map(|g| GrantNode {
+                    source: g.source.clone(),
+                    initiators: g.initiators.clone(),
+                    addresses: g
+                        .addresses
+                        .iter()
+                        .map(|a| match a {
+                            AddressRule::All => "ALL".to_owned(),
+                            AddressRule::Net(n) => n.to_string(),
+                        })
+                        .collect(),
                 })
                 .collect();
             let mut sessions: Vec<SessionNode> = t
@@ -162,8 +183,7 @@ pub fn tree(table: &TargetTable, portals: &[std::net::SocketAddr]) -> Tree {
                 iqn: t.iqn.clone(),
                 alias: state.alias.clone(),
                 luns,
-                acl_initiators: state.acl.initiators.clone(),
-                acl_addresses,
+                acl,
                 chap_accounts: state.chap.incoming.iter().map(|c| c.user.clone()).collect(),
                 chap_mutual_account: state.chap.outgoing.as_ref().map(|c| c.user.clone()),
                 sessions,
@@ -207,27 +227,40 @@ pub fn render(tree: &Tree) -> String {
             line(
                 1,
                 format!(
-                    "lun {}: {} bytes, {}-byte blocks, {} ({}){}",
+                    "lun {}: {} bytes, {}-byte blocks, {} ({}){}{}",
                     l.lun,
                     l.size_bytes,
                     l.block_size,
                     l.store,
                     l.engine,
-                    if l.read_only { ", read-only" } else { "" }
+                    if l.read_only { ", read-only" } else { "" },
+                    if l.direct { ", direct" } else { "" }
                 ),
             );
         }
-        let acl = match (t.acl_initiators.is_empty(), t.acl_addresses.is_empty()) {
-            (true, true) => "nobody".to_owned(),
-            (false, true) => format!("{} (any address)", t.acl_initiators.join(", ")),
-            (true, false) => format!("any initiator from {}", t.acl_addresses.join(", ")),
-            (false, false) => format!(
-                "{} from {}",
-                t.acl_initiators.join(", "),
-                t.acl_addresses.join(", ")
-            ),
-        };
-        line(1, format!("acl: {acl}"));
+        if t.acl.is_empty() {
+            line(1, "acl: nobody".to_owned());
+        }
+        for g in &t.acl {
+            let who = match (g.initiators.is_empty(), g.addresses.is_empty()) {
+                (true, true) => "nobody".to_owned(),
+                (false, true) => format!("{} (any address)", g.initiators.join(", ")),
+                (true, false) => format!("any initiator from {}", g.addresses.join(", ")),
+                (false, false) => {
+                    format!(
+                        "{} from {}",
+                        g.initiators.join(", "),
+                        g.addresses.join(", ")
+                    )
+                }
+            };
+            let from = if g.source.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", g.source)
+            };
+            line(1, format!("acl: {who}{from}"));
+        }
         if !t.chap_accounts.is_empty() {
             let mutual = t
                 .chap_mutual_account
@@ -448,9 +481,13 @@ mod tests {
                     store: "memory".into(),
                     engine: "memory".into(),
                     read_only: true,
+                    direct: false,
                 }],
-                acl_initiators: vec!["iqn.2026-12.io.ktgt:c".into()],
-                acl_addresses: vec!["ALL".into()],
+                acl: vec![GrantNode {
+                    source: "binding b, group g".into(),
+                    initiators: vec!["iqn.2026-12.io.ktgt:c".into()],
+                    addresses: vec!["ALL".into()],
+                }],
                 chap_accounts: vec!["alice".into()],
                 chap_mutual_account: Some("target".into()),
                 sessions: vec![],
@@ -466,7 +503,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("acl: iqn.2026-12.io.ktgt:c from ALL"),
+            text.contains("acl: iqn.2026-12.io.ktgt:c from ALL [binding b, group g]"),
             "{text}"
         );
         assert!(text.contains("chap: alice; mutual as target"), "{text}");

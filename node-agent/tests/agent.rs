@@ -586,6 +586,10 @@ async fn ls_shows_who_is_logged_in_and_what_they_do() {
     let open = targets.iter().find(|t| t["iqn"] == OPEN).unwrap();
     assert_eq!(open["luns"][0]["size_bytes"], 16 << 20);
     assert_eq!(open["luns"][0]["store"], "memory");
+    // Each ACL grant with the binding and group it comes from.
+    assert_eq!(open["acl"][0]["source"], "binding open, group readers");
+    assert_eq!(open["acl"][0]["initiators"], json!([A, B]));
+    assert_eq!(open["acl"][0]["addresses"], json!(["127.0.0.1/32"]));
     assert!(open["sessions"][0]["chap_account"].is_null());
     // The counters move while they read.
     let before = reads_of(&first, A).unwrap();

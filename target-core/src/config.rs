@@ -58,16 +58,26 @@ pub enum Backing {
     Memory { size: u64 },
 }
 
-/// Access control for a target (see `docs/design/access.md`).
-///
-/// A login is admitted when:
-/// - `initiators` is empty or contains the InitiatorName, AND
-/// - `addresses` is empty or one of its rules matches the source address,
-/// - and at least one of the two lists is non-empty (an empty ACL admits nobody).
+/// Access control for a target (see `docs/design/access.md`): a list of grants, one per
+/// InitiatorGroup bound to the target. A login is admitted when one grant admits it; each
+/// grant is judged on its own, so group A = (iqn-a, 10.1.0.0/16) beside group B = (iqn-b,
+/// 10.2.0.0/16) admits iqn-b from 10.2.0.0/16 only, never from A's network. No grant: nobody.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Acl {
+    pub grants: Vec<Grant>,
+}
+
+/// One grant of an [`Acl`]. It admits a login when:
+/// - `initiators` is empty or contains the InitiatorName, AND
+/// - `addresses` is empty or one of its rules matches the source address,
+/// - and at least one of the two lists is non-empty (an empty grant admits nobody).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grant {
     pub initiators: Vec<String>,
     pub addresses: Vec<AddressRule>,
+    /// Where the grant comes from, for administrators (`binding B, group G`); not part of
+    /// the decision.
+    pub source: String,
 }
 
 /// One address rule of an ACL.
@@ -97,7 +107,54 @@ impl AddressRule {
 }
 
 impl Acl {
+    /// An ACL of one grant (tests, and configurations without groups).
+    pub fn single(initiators: Vec<String>, addresses: Vec<AddressRule>) -> Acl {
+        Acl {
+            grants: vec![Grant {
+                initiators,
+                addresses,
+                source: String::new(),
+            }],
+        }
+    }
+
     /// The ACL decision for a login from `initiator` at `addr`.
+    pub fn admits(&self, initiator: &str, addr: IpAddr) -> bool {
+        self.grants.iter().any(|g| g.admits(initiator, addr))
+    }
+
+    /// Every initiator name some grant names, sorted, once each.
+    pub fn initiators(&self) -> Vec<String> {
+        let set: std::collections::BTreeSet<&String> =
+            self.grants.iter().flat_map(|g| &g.initiators).collect();
+        set.into_iter().cloned().collect()
+    }
+
+    /// Every address rule some grant has, once each: `ALL` first, then networks in order.
+    pub fn addresses(&self) -> Vec<AddressRule> {
+        let mut out: Vec<AddressRule> = Vec::new();
+        for r in self.grants.iter().flat_map(|g| &g.addresses) {
+            if !out.contains(r) {
+                out.push(*r);
+            }
+        }
+        out.sort_by_key(|rule| match rule {
+            AddressRule::All => None,
+            AddressRule::Net(net) => Some(*net),
+        });
+        out
+    }
+
+    /// Whether no grant admits anyone.
+    pub fn admits_nobody(&self) -> bool {
+        self.grants
+            .iter()
+            .all(|g| g.initiators.is_empty() && g.addresses.is_empty())
+    }
+}
+
+impl Grant {
+    /// This grant's decision for a login from `initiator` at `addr`.
     pub fn admits(&self, initiator: &str, addr: IpAddr) -> bool {
         if self.initiators.is_empty() && self.addresses.is_empty() {
             return false;
@@ -145,18 +202,58 @@ mod tests {
     fn acl_rules() {
         let none = Acl::default();
         assert!(!none.admits("iqn.x", "127.0.0.1".parse().unwrap()));
-        let all = Acl {
-            initiators: vec![],
-            addresses: vec![AddressRule::All],
-        };
+        let all = Acl::single(vec![], vec![AddressRule::All]);
         assert!(all.admits("iqn.x", "::1".parse().unwrap()));
-        let both = Acl {
-            initiators: vec!["iqn.a".into()],
-            addresses: vec![AddressRule::Net("10.0.0.0/8".parse().unwrap())],
-        };
+        let both = Acl::single(
+            vec!["iqn.a".into()],
+            vec![AddressRule::Net("10.0.0.0/8".parse().unwrap())],
+        );
         assert!(both.admits("iqn.a", "10.1.2.3".parse().unwrap()));
         assert!(both.admits("IQN.A", "::ffff:10.1.2.3".parse().unwrap()));
         assert!(!both.admits("iqn.b", "10.1.2.3".parse().unwrap()));
         assert!(!both.admits("iqn.a", "127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn each_grant_is_judged_on_its_own() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let net = |s: &str| AddressRule::Net(s.parse().unwrap());
+        let grant = |names: &[&str], addrs: Vec<AddressRule>| Grant {
+            initiators: names.iter().map(|n| n.to_string()).collect(),
+            addresses: addrs,
+            source: String::new(),
+        };
+        // Group A = (iqn-a, 10.1/16), group B = (iqn-b, 10.2/16).
+        let acl = Acl {
+            grants: vec![
+                grant(&["iqn-a"], vec![net("10.1.0.0/16")]),
+                grant(&["iqn-b"], vec![net("10.2.0.0/16")]),
+            ],
+        };
+        assert!(acl.admits("iqn-b", ip("10.2.0.5")));
+        assert!(
+            !acl.admits("iqn-b", ip("10.1.0.5")),
+            "B admitted from A's network"
+        );
+        assert!(!acl.admits("iqn-a", ip("10.2.0.5")));
+        // Names only beside addresses only: each keeps its own reach.
+        let acl = Acl {
+            grants: vec![
+                grant(&["iqn-n"], vec![]),
+                grant(&[], vec![net("192.0.2.0/24")]),
+            ],
+        };
+        assert!(
+            acl.admits("iqn-n", ip("198.51.100.1")),
+            "names lost their reach"
+        );
+        assert!(acl.admits("iqn-other", ip("192.0.2.7")));
+        assert!(!acl.admits("iqn-other", ip("198.51.100.1")));
+        assert_eq!(acl.initiators(), vec!["iqn-n".to_owned()]);
+        // An empty grant admits nobody and does not open the others.
+        let acl = Acl {
+            grants: vec![grant(&[], vec![])],
+        };
+        assert!(acl.admits_nobody() && !acl.admits("iqn-x", ip("127.0.0.1")));
     }
 }

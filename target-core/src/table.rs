@@ -141,6 +141,13 @@ pub struct TargetState {
     lun_configs: BTreeMap<u16, LunConfig>,
 }
 
+impl TargetState {
+    /// The configuration LUN `lun` is served with.
+    pub fn lun_config(&self, lun: u16) -> Option<&LunConfig> {
+        self.lun_configs.get(&lun)
+    }
+}
+
 /// One served target.
 #[derive(Debug)]
 pub struct Target {

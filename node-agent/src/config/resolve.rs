@@ -27,7 +27,8 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use ipnet::IpNet;
 use target_core::config::{
-    Acl, AddressRule, Backing, ChapConfig, ChapCredentials, DesiredState, LunConfig, TargetConfig,
+    Acl, AddressRule, Backing, ChapConfig, ChapCredentials, DesiredState, Grant, LunConfig,
+    TargetConfig,
 };
 
 use super::api::{
@@ -206,10 +207,11 @@ pub fn desired_state_for_node(objects: &Objects, node: Option<&str>) -> Resolved
             }
         }
 
-        let mut acl = GroupAcl::default();
+        // One grant per binding, judged on its own (see `target_core::config::Acl`).
+        let mut acl = Acl::default();
         for &(binding, group) in bound.get(name).map(Vec::as_slice).unwrap_or_default() {
             match groups.get(group) {
-                Some(Some(group_acl)) => acl.merge(group_acl),
+                Some(Some(group_acl)) => acl.grants.push(group_acl.grant(binding, group)),
                 _ => target_errors.push(err(
                     "",
                     Problem::InvalidBoundGroup {
@@ -222,7 +224,7 @@ pub fn desired_state_for_node(objects: &Objects, node: Option<&str>) -> Resolved
 
         match config {
             Some(mut config) if target_errors.is_empty() => {
-                config.acl = acl.into_acl();
+                config.acl = acl;
                 state.targets.insert(config.iqn.clone(), config);
             }
             _ => {
@@ -617,24 +619,17 @@ struct GroupAcl {
 }
 
 impl GroupAcl {
-    fn merge(&mut self, other: &GroupAcl) {
-        self.initiators.extend(other.initiators.iter().cloned());
-        for rule in &other.addresses {
-            if !self.addresses.contains(rule) {
-                self.addresses.push(*rule);
-            }
-        }
-    }
-
-    fn into_acl(self) -> Acl {
-        let mut addresses = self.addresses;
+    /// The grant binding `binding` makes of this group.
+    fn grant(&self, binding: &str, group: &str) -> Grant {
+        let mut addresses = self.addresses.clone();
         addresses.sort_by_key(|rule| match rule {
             AddressRule::All => None,
             AddressRule::Net(net) => Some(*net),
         });
-        Acl {
-            initiators: self.initiators.into_iter().collect(),
+        Grant {
+            initiators: self.initiators.iter().cloned().collect(),
             addresses,
+            source: format!("binding {binding}, group {group}"),
         }
     }
 }

@@ -96,8 +96,8 @@ fn example_file_parses() {
     assert_eq!(lun.create_size, Some(1 << 30));
     assert_eq!(lun.block_size, 512);
     assert!(!lun.read_only && !lun.direct);
-    assert_eq!(t.acl.addresses, vec![AddressRule::All]);
-    assert!(t.acl.initiators.is_empty());
+    assert_eq!(t.acl.addresses(), vec![AddressRule::All]);
+    assert!(t.acl.initiators().is_empty());
     assert!(t
         .acl
         .admits("iqn.2004-10.com.ubuntu:01:abc", ip("127.0.0.1")));
@@ -541,11 +541,11 @@ fn acl_comes_only_from_bindings_of_that_target() {
     );
     let state = ok(&yaml);
     let a = &the_target(&state, "iqn.2026-11.io.ktgt:a").acl;
-    assert_eq!(a.initiators, vec!["iqn.2026-11.io.ktgt:init-a"]);
-    assert!(a.addresses.is_empty());
+    assert_eq!(a.initiators(), vec!["iqn.2026-11.io.ktgt:init-a"]);
+    assert!(a.addresses().is_empty());
     let b = &the_target(&state, "iqn.2026-11.io.ktgt:b").acl;
-    assert!(b.initiators.is_empty());
-    assert_eq!(b.addresses, vec![parse_address("192.0.2.0/24").unwrap()]);
+    assert!(b.initiators().is_empty());
+    assert_eq!(b.addresses(), vec![parse_address("192.0.2.0/24").unwrap()]);
 
     assert!(a.admits("iqn.2026-11.io.ktgt:init-a", ip("198.51.100.1")));
     assert!(!b.admits("iqn.2026-11.io.ktgt:init-a", ip("198.51.100.1")));
@@ -554,12 +554,12 @@ fn acl_comes_only_from_bindings_of_that_target() {
 
     // No binding: empty ACL, admits nobody.
     let c = &the_target(&state, "iqn.2026-11.io.ktgt:c").acl;
-    assert!(c.initiators.is_empty() && c.addresses.is_empty());
+    assert!(c.initiators().is_empty() && c.addresses().is_empty());
     assert!(!c.admits("iqn.2026-11.io.ktgt:init-a", ip("192.0.2.9")));
 }
 
 #[test]
-fn acl_is_union_of_bound_groups_spec_and_status() {
+fn acl_lists_the_union_of_bound_groups_spec_and_status() {
     let yaml = format!(
         "{}{}{}{}{}",
         target("a", "iqn.2026-11.io.ktgt:a", ""),
@@ -578,7 +578,7 @@ fn acl_is_union_of_bound_groups_spec_and_status() {
     let state = ok(&yaml);
     let acl = &the_target(&state, "iqn.2026-11.io.ktgt:a").acl;
     assert_eq!(
-        acl.initiators,
+        acl.initiators(),
         vec![
             "iqn.2026-11.io.ktgt:i1",
             "iqn.2026-11.io.ktgt:i2",
@@ -586,7 +586,7 @@ fn acl_is_union_of_bound_groups_spec_and_status() {
         ]
     );
     assert_eq!(
-        acl.addresses,
+        acl.addresses(),
         vec![
             AddressRule::All,
             parse_address("10.0.0.0/8").unwrap(),
@@ -613,13 +613,13 @@ fn removing_binding_or_group_revokes_access() {
     let mut objs = objects(&yaml);
     let iqn = "iqn.2026-11.io.ktgt:a";
     let before = desired_state(&objs).unwrap();
-    assert_eq!(before.targets[iqn].acl.addresses, vec![AddressRule::All]);
+    assert_eq!(before.targets[iqn].acl.addresses(), vec![AddressRule::All]);
 
     // Binding removed: the Target stays, with an empty ACL.
     let mut no_binding = objs.clone();
     no_binding.bindings.clear();
     let after = desired_state(&no_binding).unwrap();
-    assert!(after.targets[iqn].acl.addresses.is_empty());
+    assert!(after.targets[iqn].acl.addresses().is_empty());
     assert!(!after.targets[iqn].acl.admits("iqn.x", ip("127.0.0.1")));
 
     // Group removed while the binding still points at it (cluster mode, mid-deletion): the
@@ -627,7 +627,7 @@ fn removing_binding_or_group_revokes_access() {
     objs.initiator_groups.clear();
     let resolved = desired_state_for_node(&objs, None);
     assert!(resolved.failed_targets.is_empty());
-    assert!(resolved.state.targets[iqn].acl.addresses.is_empty());
+    assert!(resolved.state.targets[iqn].acl.addresses().is_empty());
     assert_eq!(resolved.errors.len(), 1);
     assert_eq!(
         resolved.errors[0].problem,
@@ -902,4 +902,43 @@ fn api_types_round_trip() {
         &serde_yaml::from_str::<InitiatorGroupBinding>(&text).unwrap(),
         b
     );
+}
+
+/// Two groups bound to one Target are two grants, each judged on its own: group A =
+/// (iqn-a, 10.1.0.0/16) and group B = (iqn-b, 10.2.0.0/16) do not admit iqn-b from A's
+/// network, and a group of names only beside a group of addresses only keeps its names'
+/// access from anywhere. Each grant says which binding and group it comes from.
+#[test]
+fn each_bound_group_is_its_own_grant() {
+    let yaml = format!(
+        "{}{}{}{}{}{}{}{}{}{}",
+        target("t", "iqn.2026-11.io.ktgt:t", ""),
+        target("u", "iqn.2026-11.io.ktgt:u", ""),
+        group(
+            "ga",
+            "spec:\n  initiators: [iqn.2026-11.io.ktgt:a]\n  addresses: [10.1.0.0/16]\n"
+        ),
+        group(
+            "gb",
+            "spec:\n  initiators: [iqn.2026-11.io.ktgt:b]\n  addresses: [10.2.0.0/16]\n"
+        ),
+        binding("ba", "t", "ga"),
+        binding("bb", "t", "gb"),
+        group("names", "spec:\n  initiators: [iqn.2026-11.io.ktgt:n]\n"),
+        group("nets", "spec:\n  addresses: [192.0.2.0/24]\n"),
+        binding("bn", "u", "names"),
+        binding("bt", "u", "nets"),
+    );
+    let state = ok(&yaml);
+    let t = &the_target(&state, "iqn.2026-11.io.ktgt:t").acl;
+    assert!(t.admits("iqn.2026-11.io.ktgt:b", ip("10.2.3.4")));
+    assert!(!t.admits("iqn.2026-11.io.ktgt:b", ip("10.1.3.4")));
+    assert!(t.admits("iqn.2026-11.io.ktgt:a", ip("10.1.3.4")));
+    assert!(!t.admits("iqn.2026-11.io.ktgt:a", ip("10.2.3.4")));
+    let sources: Vec<&str> = t.grants.iter().map(|g| g.source.as_str()).collect();
+    assert_eq!(sources, ["binding ba, group ga", "binding bb, group gb"]);
+    let u = &the_target(&state, "iqn.2026-11.io.ktgt:u").acl;
+    assert!(u.admits("iqn.2026-11.io.ktgt:n", ip("198.51.100.7")));
+    assert!(u.admits("iqn.2026-11.io.ktgt:other", ip("192.0.2.7")));
+    assert!(!u.admits("iqn.2026-11.io.ktgt:other", ip("198.51.100.7")));
 }

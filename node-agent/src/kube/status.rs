@@ -269,10 +269,9 @@ fn observed(target: &Target, served: &ServedTarget) -> TargetActual {
 
 /// Initiator names, then addresses (`ALL` or CIDR blocks), as one list.
 pub fn acl_entries(acl: &Acl) -> Vec<String> {
-    acl.initiators
-        .iter()
-        .cloned()
-        .chain(acl.addresses.iter().map(|rule| match rule {
+    acl.initiators()
+        .into_iter()
+        .chain(acl.addresses().iter().map(|rule| match rule {
             AddressRule::All => "ALL".to_owned(),
             AddressRule::Net(net) => net.to_string(),
         }))
@@ -280,17 +279,18 @@ pub fn acl_entries(acl: &Acl) -> Vec<String> {
 }
 
 fn acl_summary(acl: &Acl) -> String {
-    if acl.initiators.is_empty() && acl.addresses.is_empty() {
+    if acl.admits_nobody() {
         return "nobody: no InitiatorGroupBinding grants access to this Target".to_owned();
     }
+    let (initiators, addresses) = (acl.initiators(), acl.addresses());
     let mut parts = Vec::new();
-    if !acl.initiators.is_empty() {
-        parts.push(format!("{} initiator name(s)", acl.initiators.len()));
+    if !initiators.is_empty() {
+        parts.push(format!("{} initiator name(s)", initiators.len()));
     }
-    if !acl.addresses.is_empty() {
-        parts.push(format!("{} address rule(s)", acl.addresses.len()));
+    if !addresses.is_empty() {
+        parts.push(format!("{} address rule(s)", addresses.len()));
     }
-    parts.join(" and ")
+    format!("{} in {} grant(s)", parts.join(" and "), acl.grants.len())
 }
 
 fn join(items: impl Iterator<Item = String>) -> String {

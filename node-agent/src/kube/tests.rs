@@ -233,8 +233,11 @@ async fn a_binding_opens_only_its_own_target() {
         !node.admits(IQN2, CLIENT_A, "10.0.0.1"),
         "t2 has no binding"
     );
-    assert_eq!(view.served[IQN1].acl.initiators, vec![CLIENT_A.to_owned()]);
-    assert!(view.served[IQN2].acl.initiators.is_empty());
+    assert_eq!(
+        view.served[IQN1].acl.initiators(),
+        vec![CLIENT_A.to_owned()]
+    );
+    assert!(view.served[IQN2].acl.initiators().is_empty());
     let t2 = node.status("t2", &view);
     assert!(condition(&t2, "Ready")
         .message

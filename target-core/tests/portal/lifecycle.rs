@@ -71,7 +71,7 @@ async fn acl_revocation_sends_async_event_3_then_closes() {
     let t = Target::start(state([target(TARGET, &[0])])).await;
     let mut i = t.login().await;
     let mut tc = target(TARGET, &[0]);
-    tc.acl.initiators = vec!["iqn.2024-01.test:someone-else".into()];
+    tc.acl.grants[0].initiators = vec!["iqn.2024-01.test:someone-else".into()];
     let report = t.table.apply(&state([tc])).await;
     assert_eq!(report.sessions_ended, 1);
     let got = i.expect_closed().await;

@@ -131,10 +131,10 @@ async fn send_targets(i: &mut Initiator) -> (Vec<(String, String)>, usize, usize
 #[tokio::test]
 async fn discovery_lists_only_admitted_targets_with_arrival_portal() {
     let mut hidden = target("iqn.2024-01.test:hidden", &[0]);
-    hidden.acl = Acl {
-        initiators: vec!["iqn.2024-01.test:someone-else".into()],
-        addresses: vec![AddressRule::All],
-    };
+    hidden.acl = Acl::single(
+        vec!["iqn.2024-01.test:someone-else".into()],
+        vec![AddressRule::All],
+    );
     let t = Target::start(state([
         target(TARGET, &[0]),
         target("iqn.2024-01.test:second", &[0]),

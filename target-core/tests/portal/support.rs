@@ -41,10 +41,7 @@ pub fn target(iqn: &str, luns: &[u16]) -> TargetConfig {
         iqn: iqn.to_owned(),
         alias: None,
         luns: luns.iter().map(|&n| (n, mem_lun(n))).collect(),
-        acl: Acl {
-            initiators: vec![INITIATOR.to_owned()],
-            addresses: vec![AddressRule::All],
-        },
+        acl: Acl::single(vec![INITIATOR.to_owned()], vec![AddressRule::All]),
         chap: ChapConfig::default(),
     }
 }
