@@ -37,8 +37,10 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// Everything `ls` shows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tree {
-    /// The addresses the portal listens on.
+    /// The addresses the portal listens on, all in one target portal group...
     pub portals: Vec<String>,
+    /// ...whose tag (TPGT) logins and SendTargets report.
+    pub portal_group_tag: u16,
     pub targets: Vec<TargetNode>,
 }
 
@@ -111,8 +113,8 @@ pub struct SessionNode {
     pub write_bytes: u64,
 }
 
-/// The tree of what `table` serves now, on `portals`.
-pub fn tree(table: &TargetTable, portals: &[std::net::SocketAddr]) -> Tree {
+/// The tree of what `table` serves now, on `portals` (portal group `portal_group_tag`).
+pub fn tree(table: &TargetTable, portals: &[std::net::SocketAddr], portal_group_tag: u16) -> Tree {
     let now = SystemTime::now();
     let mut targets: Vec<TargetNode> = table
         .targets()
@@ -193,6 +195,7 @@ pub fn tree(table: &TargetTable, portals: &[std::net::SocketAddr]) -> Tree {
     targets.sort_by(|a, b| a.iqn.cmp(&b.iqn));
     Tree {
         portals: portals.iter().map(|p| p.to_string()).collect(),
+        portal_group_tag,
         targets,
     }
 }
@@ -205,7 +208,14 @@ pub fn render(tree: &Tree) -> String {
         out.push_str(&text);
         out.push('\n');
     };
-    line(0, format!("portals: {}", tree.portals.join(", ")));
+    line(
+        0,
+        format!(
+            "portal group {}: {}",
+            tree.portal_group_tag,
+            tree.portals.join(", ")
+        ),
+    );
     if tree.targets.is_empty() {
         line(0, "no targets".to_owned());
     }
@@ -368,6 +378,7 @@ impl AdminServer {
         self,
         table: Arc<TargetTable>,
         portals: Vec<std::net::SocketAddr>,
+        portal_group_tag: u16,
         shutdown: CancellationToken,
     ) {
         info!(path = %self.path.display(), "admin socket: ktgt-agent ls --admin-socket {}", self.path.display());
@@ -379,7 +390,7 @@ impl AdminServer {
                         let table = table.clone();
                         let portals = portals.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = answer(stream, &table, &portals).await {
+                            if let Err(e) = answer(stream, &table, &portals, portal_group_tag).await {
                                 debug!(error = %e, "admin request failed");
                             }
                         });
@@ -399,6 +410,7 @@ async fn answer(
     mut stream: UnixStream,
     table: &TargetTable,
     portals: &[std::net::SocketAddr],
+    portal_group_tag: u16,
 ) -> io::Result<()> {
     let mut buf = Vec::with_capacity(MAX_REQUEST);
     let request = tokio::time::timeout(TIMEOUT, async {
@@ -416,7 +428,8 @@ async fn answer(
         return Ok(());
     }
     let body = match String::from_utf8_lossy(&buf).trim() {
-        "ls" => serde_json::to_vec_pretty(&tree(table, portals)).map_err(io::Error::other)?,
+        "ls" => serde_json::to_vec_pretty(&tree(table, portals, portal_group_tag))
+            .map_err(io::Error::other)?,
         other => serde_json::to_vec(&serde_json::json!({
             "error": format!("unknown request {other:?}; the requests are: ls")
         }))
@@ -471,6 +484,7 @@ mod tests {
     fn the_tree_renders_every_node_and_no_secret() {
         let tree = Tree {
             portals: vec!["127.0.0.1:3260".into()],
+            portal_group_tag: 1,
             targets: vec![TargetNode {
                 iqn: "iqn.2026-12.io.ktgt:t".into(),
                 alias: None,
@@ -507,6 +521,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("chap: alice; mutual as target"), "{text}");
+        assert!(
+            text.starts_with("portal group 1: 127.0.0.1:3260\n"),
+            "{text}"
+        );
         let json = serde_json::to_string(&tree).unwrap();
         assert_eq!(serde_json::from_str::<Tree>(&json).unwrap(), tree);
     }

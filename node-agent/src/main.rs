@@ -325,6 +325,7 @@ impl ServeArgs {
             Some(server) => Ok(Some(tokio::spawn(server.serve(
                 table.clone(),
                 portals,
+                self.session_options().portal_group_tag,
                 shutdown.clone(),
             )))),
             None => {

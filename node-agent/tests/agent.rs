@@ -569,6 +569,8 @@ async fn ls_shows_who_is_logged_in_and_what_they_do() {
         log,
     )
     .await;
+    assert_eq!(first["portals"], json!([format!("127.0.0.1:{port}")]));
+    assert_eq!(first["portal_group_tag"], 1);
     let targets = first["targets"].as_array().unwrap();
     assert_eq!(targets.len(), 2, "{first:#}");
     let guarded = targets.iter().find(|t| t["iqn"] == GUARDED).unwrap();

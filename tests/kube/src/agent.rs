@@ -101,6 +101,21 @@ impl Agent {
     }
 
     /// `iscsi-inq` as `initiator`; whether the login and INQUIRY succeeded.
+    /// `ktgt-agent ls --json` against this agent's admin socket.
+    pub fn ls(&self) -> serde_json::Value {
+        let out = Command::new(ktgt_bin("ktgt-agent"))
+            .args(["ls", "--json", "--admin-socket"])
+            .arg(self.dir.join("admin.sock"))
+            .output()
+            .expect("run ktgt-agent ls");
+        assert!(
+            out.status.success(),
+            "ktgt-agent ls: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("ls --json is JSON")
+    }
+
     pub fn can_log_in(&self, initiator: &str, iqn: &str) -> bool {
         iscsi("iscsi-inq", &["-i", initiator, &self.url(iqn, 0)]).0
     }
@@ -180,6 +195,8 @@ fn spawn_agent(
         .args(["kubernetes", "--node-name", node, "--listen", portal])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
         .args(["--conn-threads", "1"])
+        .arg("--admin-socket")
+        .arg(dir.join("admin.sock"))
         .args(extra);
     Proc::spawn(cmd, &dir.join("agent.log"))
 }

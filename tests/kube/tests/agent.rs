@@ -204,6 +204,26 @@ async fn a_bound_initiator_logs_in_and_deleting_the_binding_or_group_logs_it_out
         u.status
     );
 
+    // `ktgt-agent ls` in Kubernetes mode: the Target's grant names its binding and group;
+    // the Target nobody is bound to admits nobody.
+    let tree = agent.ls();
+    let of = |iqn: &str| {
+        tree["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["iqn"] == iqn)
+            .cloned()
+            .unwrap_or_else(|| panic!("{iqn} not in ls: {tree:#}"))
+    };
+    let served = of(&t_iqn);
+    assert_eq!(
+        served["acl"][0]["source"],
+        format!("binding {b}, group {g}")
+    );
+    assert_eq!(served["acl"][0]["initiators"], json!([CLIENT]));
+    assert_eq!(of(&unbound_iqn)["acl"], json!([]));
+
     // The stranger's refusal is an Event on the Target.
     let stranger = wait_event(cp, &agent, &t, "LoginNotInACL").await;
     let note = stranger[0].note.clone().unwrap_or_default();
