@@ -631,8 +631,17 @@ async fn a_killed_agent_rebuilds_the_same_table_from_the_api() {
         binding(&b1, &t1, &g),
         binding(&b2, &t2, &g),
     ));
-    let before1 = wait_target(&targets, &agent, &t1, "Ready", ready).await;
-    let before2 = wait_target(&targets, &agent, &t2, "Ready", ready).await;
+    // Ready with the binding's ACL: a Target can be Ready (serving nobody) before the agent
+    // has seen its binding, and that status is not the settled one to compare with.
+    let settled = |t: &Target| {
+        ready(t)
+            && t.status
+                .as_ref()
+                .and_then(|s| s.observed_state.as_ref())
+                .is_some_and(|o| o.acls == [CLIENT.to_owned()])
+    };
+    let before1 = wait_target(&targets, &agent, &t1, "Ready with its ACL", settled).await;
+    let before2 = wait_target(&targets, &agent, &t2, "Ready with its ACL", settled).await;
     assert!(agent.can_log_in(CLIENT, &iqn(&t1)));
     agent.kill_and_restart();
     agent
