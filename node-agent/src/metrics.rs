@@ -343,7 +343,7 @@ fn encode_events(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use target_core::config::{Backing, DesiredState, LunConfig, TargetConfig};
+    use target_core::config::{DesiredState, LunConfig, TargetConfig};
     use target_core::scsi::ScsiResult;
 
     #[tokio::test]
@@ -358,20 +358,7 @@ mod tests {
             TargetConfig {
                 iqn: iqn.to_owned(),
                 alias: None,
-                luns: [(
-                    0,
-                    LunConfig {
-                        lun: 0,
-                        backing: Backing::Memory { size: 1 << 20 },
-                        block_size: 512,
-                        read_only: false,
-                        direct: false,
-                        create_size: None,
-                        clone_from: None,
-                        serial: None,
-                    },
-                )]
-                .into(),
+                luns: [(0, LunConfig::memory(0, 1 << 20))].into(),
                 acl: Default::default(),
                 chap: Default::default(),
             },

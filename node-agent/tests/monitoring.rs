@@ -11,7 +11,7 @@ use ktgt_operator::telemetry::{self, ReconcileMetrics};
 use promql_parser::parser::{self, Expr, LabelModifier};
 use promql_parser::util::{walk_expr, ExprVisitor};
 use serde_json::Value;
-use target_core::config::{Backing, DesiredState, LunConfig, TargetConfig};
+use target_core::config::{DesiredState, LunConfig, TargetConfig};
 use target_core::table::{SessionHandle, TargetTable};
 
 const MONITORING: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/monitoring");
@@ -26,20 +26,7 @@ async fn exported() -> BTreeMap<String, BTreeSet<String>> {
         TargetConfig {
             iqn: IQN.to_owned(),
             alias: None,
-            luns: [(
-                0,
-                LunConfig {
-                    lun: 0,
-                    backing: Backing::Memory { size: 1 << 20 },
-                    block_size: 512,
-                    read_only: false,
-                    direct: false,
-                    create_size: None,
-                    clone_from: None,
-                    serial: None,
-                },
-            )]
-            .into(),
+            luns: [(0, LunConfig::memory(0, 1 << 20))].into(),
             acl: Default::default(),
             chap: Default::default(),
         },

@@ -58,6 +58,22 @@ pub enum Backing {
     Memory { size: u64 },
 }
 
+impl LunConfig {
+    /// LUN `lun` in RAM, `size` bytes of 512-byte blocks, writable, nothing else set.
+    pub fn memory(lun: u16, size: u64) -> LunConfig {
+        LunConfig {
+            lun,
+            backing: Backing::Memory { size },
+            block_size: 512,
+            read_only: false,
+            direct: false,
+            create_size: None,
+            clone_from: None,
+            serial: None,
+        }
+    }
+}
+
 /// Access control for a target (see `docs/design/access.md`): a list of grants, one per
 /// InitiatorGroup bound to the target. A login is admitted when one grant admits it; each
 /// grant is judged on its own, so group A = (iqn-a, 10.1.0.0/16) beside group B = (iqn-b,

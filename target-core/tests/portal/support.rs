@@ -16,7 +16,7 @@ use iscsi_proto::pdu::{
 use iscsi_proto::types::{Isid, Itt, Lun, Sn, Ttt};
 use iscsi_proto::{text, Codec, Pdu};
 use target_core::config::{
-    Acl, AddressRule, Backing, ChapConfig, ChapCredentials, DesiredState, LunConfig, TargetConfig,
+    Acl, AddressRule, ChapConfig, ChapCredentials, DesiredState, LunConfig, TargetConfig,
 };
 use target_core::portal::Portal;
 use target_core::session::SessionOptions;
@@ -47,16 +47,7 @@ pub fn target(iqn: &str, luns: &[u16]) -> TargetConfig {
 }
 
 pub fn mem_lun(n: u16) -> LunConfig {
-    LunConfig {
-        lun: n,
-        backing: Backing::Memory { size: LUN_SIZE },
-        block_size: 512,
-        read_only: false,
-        direct: false,
-        create_size: None,
-        clone_from: None,
-        serial: None,
-    }
+    LunConfig::memory(n, LUN_SIZE)
 }
 
 pub fn state(targets: impl IntoIterator<Item = TargetConfig>) -> DesiredState {
