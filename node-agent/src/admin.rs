@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use target_core::config::AddressRule;
+use target_core::portal::NetworkPortal;
 use target_core::table::TargetTable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -37,11 +38,17 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// Everything `ls` shows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tree {
-    /// The addresses the portal listens on, all in one target portal group...
-    pub portals: Vec<String>,
-    /// ...whose tag (TPGT) logins and SendTargets report.
-    pub portal_group_tag: u16,
+    /// The target portal groups, by tag: every target is served on each.
+    pub portal_groups: Vec<PortalGroupNode>,
     pub targets: Vec<TargetNode>,
+}
+
+/// One target portal group: its tag (TPGT, also its SCSI target port and ALUA target port
+/// group) and the addresses listening in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortalGroupNode {
+    pub tag: u16,
+    pub portals: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,6 +101,8 @@ pub struct SessionNode {
     pub peer: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub portal: Option<String>,
+    /// The tag of the portal group the session logged in through.
+    pub portal_group: u16,
     /// Seconds since the login completed.
     pub age_seconds: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,8 +122,8 @@ pub struct SessionNode {
     pub write_bytes: u64,
 }
 
-/// The tree of what `table` serves now, on `portals` (portal group `portal_group_tag`).
-pub fn tree(table: &TargetTable, portals: &[std::net::SocketAddr], portal_group_tag: u16) -> Tree {
+/// The tree of what `table` serves now, on `portals`.
+pub fn tree(table: &TargetTable, portals: &[NetworkPortal]) -> Tree {
     let now = SystemTime::now();
     let mut targets: Vec<TargetNode> = table
         .targets()
@@ -163,6 +172,7 @@ pub fn tree(table: &TargetTable, portals: &[std::net::SocketAddr], portal_group_
                     tsih: s.tsih,
                     peer: s.peer.to_string(),
                     portal: s.info.portal.map(|p| p.to_string()),
+                    portal_group: s.tpgt,
                     age_seconds: now.duration_since(s.info.since).map_or(0, |d| d.as_secs()),
                     chap_account: s.info.chap_user.clone(),
                     header_digest: s.info.header_digest,
@@ -193,9 +203,19 @@ pub fn tree(table: &TargetTable, portals: &[std::net::SocketAddr], portal_group_
         })
         .collect();
     targets.sort_by(|a, b| a.iqn.cmp(&b.iqn));
+    let mut portal_groups: Vec<PortalGroupNode> = Vec::new();
+    for p in portals {
+        match portal_groups.iter_mut().find(|g| g.tag == p.tpgt) {
+            Some(g) => g.portals.push(p.addr.to_string()),
+            None => portal_groups.push(PortalGroupNode {
+                tag: p.tpgt,
+                portals: vec![p.addr.to_string()],
+            }),
+        }
+    }
+    portal_groups.sort_by_key(|g| g.tag);
     Tree {
-        portals: portals.iter().map(|p| p.to_string()).collect(),
-        portal_group_tag,
+        portal_groups,
         targets,
     }
 }
@@ -208,14 +228,12 @@ pub fn render(tree: &Tree) -> String {
         out.push_str(&text);
         out.push('\n');
     };
-    line(
-        0,
-        format!(
-            "portal group {}: {}",
-            tree.portal_group_tag,
-            tree.portals.join(", ")
-        ),
-    );
+    for g in &tree.portal_groups {
+        line(
+            0,
+            format!("portal group {}: {}", g.tag, g.portals.join(", ")),
+        );
+    }
     if tree.targets.is_empty() {
         line(0, "no targets".to_owned());
     }
@@ -290,7 +308,7 @@ pub fn render(tree: &Tree) -> String {
                     s.peer,
                     s.portal
                         .as_ref()
-                        .map(|p| format!(" to {p}"))
+                        .map(|p| format!(" to {p},{}", s.portal_group))
                         .unwrap_or_default(),
                     s.age_seconds,
                     s.chap_account
@@ -377,8 +395,7 @@ impl AdminServer {
     pub async fn serve(
         self,
         table: Arc<TargetTable>,
-        portals: Vec<std::net::SocketAddr>,
-        portal_group_tag: u16,
+        portals: Vec<NetworkPortal>,
         shutdown: CancellationToken,
     ) {
         info!(path = %self.path.display(), "admin socket: ktgt-agent ls --admin-socket {}", self.path.display());
@@ -390,7 +407,7 @@ impl AdminServer {
                         let table = table.clone();
                         let portals = portals.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = answer(stream, &table, &portals, portal_group_tag).await {
+                            if let Err(e) = answer(stream, &table, &portals).await {
                                 debug!(error = %e, "admin request failed");
                             }
                         });
@@ -409,8 +426,7 @@ impl AdminServer {
 async fn answer(
     mut stream: UnixStream,
     table: &TargetTable,
-    portals: &[std::net::SocketAddr],
-    portal_group_tag: u16,
+    portals: &[NetworkPortal],
 ) -> io::Result<()> {
     let mut buf = Vec::with_capacity(MAX_REQUEST);
     let request = tokio::time::timeout(TIMEOUT, async {
@@ -428,8 +444,7 @@ async fn answer(
         return Ok(());
     }
     let body = match String::from_utf8_lossy(&buf).trim() {
-        "ls" => serde_json::to_vec_pretty(&tree(table, portals, portal_group_tag))
-            .map_err(io::Error::other)?,
+        "ls" => serde_json::to_vec_pretty(&tree(table, portals)).map_err(io::Error::other)?,
         other => serde_json::to_vec(&serde_json::json!({
             "error": format!("unknown request {other:?}; the requests are: ls")
         }))
@@ -483,8 +498,10 @@ mod tests {
     #[test]
     fn the_tree_renders_every_node_and_no_secret() {
         let tree = Tree {
-            portals: vec!["127.0.0.1:3260".into()],
-            portal_group_tag: 1,
+            portal_groups: vec![PortalGroupNode {
+                tag: 1,
+                portals: vec!["127.0.0.1:3260".into()],
+            }],
             targets: vec![TargetNode {
                 iqn: "iqn.2026-12.io.ktgt:t".into(),
                 alias: None,

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ktgt_agent::config;
 use target_core::lun::Engine;
-use target_core::portal::Portal;
+use target_core::portal::{NetworkPortal, Portal};
 use target_core::session::SessionOptions;
 use target_core::table::TargetTable;
 use target_core::workers::Workers;
@@ -119,11 +119,15 @@ struct ServeArgs {
     /// Unix socket `ktgt-agent ls` asks (root-only, mode 0600) [default: /run/ktgt/admin.sock];
     /// empty: none. A socket that cannot be made is an error when given here, a warning at the
     /// default.
-    #[arg(long)]
+    // clap's PathBuf parser refuses an empty value; the OsString one takes it (`""`: none).
+    #[arg(long, value_parser = admin_socket_path)]
     admin_socket: Option<PathBuf>,
-    /// Address to listen on (repeatable; IPv4 or [IPv6]:port).
+    /// Address to listen on, in target portal group 1, or ADDR,TPGT in portal group TPGT
+    /// (repeatable; IPv4 ADDR:PORT or [IPv6]:PORT). Every target is served on every portal;
+    /// each portal group is a SCSI target port and an ALUA target port group, so an initiator
+    /// logged in through two groups has two paths (docs/design/portals.md).
     #[arg(long = "listen", short = 'l', default_value = "127.0.0.1:3260")]
-    listen: Vec<SocketAddr>,
+    listen: Vec<NetworkPortal>,
     /// Commands an initiator may have outstanding per session.
     #[arg(long, default_value_t = 128)]
     queue_depth: u32,
@@ -301,7 +305,7 @@ impl ServeArgs {
     async fn start_admin(
         &self,
         table: &Arc<TargetTable>,
-        portals: Vec<SocketAddr>,
+        portals: Vec<NetworkPortal>,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
         use ktgt_agent::admin::{AdminServer, DEFAULT_SOCKET};
@@ -325,7 +329,6 @@ impl ServeArgs {
             Some(server) => Ok(Some(tokio::spawn(server.serve(
                 table.clone(),
                 portals,
-                self.session_options().portal_group_tag,
                 shutdown.clone(),
             )))),
             None => {
@@ -366,7 +369,7 @@ async fn standalone(
     }
     let options = args.session_options();
     let mut portal =
-        Portal::bind(&args.listen, table.clone(), options, args.max_connections).await?;
+        Portal::bind_portals(&args.listen, table.clone(), options, args.max_connections).await?;
     if let Some(w) = workers {
         portal = portal.with_workers(w);
     }
@@ -388,7 +391,7 @@ async fn standalone(
         None => None,
     };
     let admin = args
-        .start_admin(&table, portal.local_addrs(), &shutdown)
+        .start_admin(&table, portal.portals(), &shutdown)
         .await?;
     let serve = tokio::spawn(portal.serve(shutdown.clone()));
     info!(config = %source, targets = desired.targets.len(), "ktgt-agent ready");
@@ -458,7 +461,7 @@ async fn kubernetes(
     let shutdown = CancellationToken::new();
     let telemetry_task = tokio::spawn(server.serve(shutdown.clone()));
 
-    let mut portal = Portal::bind(
+    let mut portal = Portal::bind_portals(
         &args.listen,
         table.clone(),
         args.session_options(),
@@ -470,7 +473,7 @@ async fn kubernetes(
     }
     readiness.set(cluster::READY_PORTAL, true);
     let admin = args
-        .start_admin(&table, portal.local_addrs(), &shutdown)
+        .start_admin(&table, portal.portals(), &shutdown)
         .await?;
     let serve = tokio::spawn(portal.serve(shutdown.clone()));
     let controller = tokio::spawn(cluster::run(
@@ -501,4 +504,9 @@ async fn kubernetes(
     table.flush_all().await;
     info!("stores flushed; exiting");
     Ok(())
+}
+
+/// `--admin-socket` as given, the empty value included (clap's PathBuf parser refuses it).
+fn admin_socket_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
 }

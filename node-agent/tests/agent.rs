@@ -569,8 +569,10 @@ async fn ls_shows_who_is_logged_in_and_what_they_do() {
         log,
     )
     .await;
-    assert_eq!(first["portals"], json!([format!("127.0.0.1:{port}")]));
-    assert_eq!(first["portal_group_tag"], 1);
+    assert_eq!(
+        first["portal_groups"],
+        json!([{"tag": 1, "portals": [format!("127.0.0.1:{port}")]}])
+    );
     let targets = first["targets"].as_array().unwrap();
     assert_eq!(targets.len(), 2, "{first:#}");
     let guarded = targets.iter().find(|t| t["iqn"] == GUARDED).unwrap();
@@ -579,6 +581,7 @@ async fn ls_shows_who_is_logged_in_and_what_they_do() {
     assert_eq!(sb["initiator"], B);
     assert_eq!(sb["chap_account"], "alice");
     assert_eq!(sb["portal"], format!("127.0.0.1:{port}"));
+    assert_eq!(sb["portal_group"], 1);
     assert!(
         sb["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
         "{sb}"
@@ -769,4 +772,149 @@ async fn ls_shows_who_is_logged_in_and_what_they_do() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no ktgt-agent is listening"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// Two portal groups (`--listen ADDR` and `--listen ADDR,2`) seen by libiscsi, a client we
+/// did not write: discovery through either portal lists both with their tags, a session
+/// through each serves the LU, INQUIRY reports TPGS 1 (implicit ALUA), VPD page 83h names the
+/// target port of the portal used and carries the relative target port and target port group
+/// designators, and `ls` shows the groups and which one each session came through. A tag of
+/// 0 or an address given twice is refused naming the `--listen` value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_portal_groups_are_two_paths_to_each_lun() {
+    if !have("iscsi-ls") || !have("iscsi-inq") || !have("iscsi-perf") {
+        eprintln!("SKIP two_portal_groups_are_two_paths_to_each_lun: libiscsi-bin not installed");
+        return;
+    }
+    const PG: &str = "iqn.2024-01.cloud.unstable.test:paths";
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: {GV}\nkind: Target\nmetadata: {{name: paths}}\nspec:\n  iqn: {PG}\n  \
+             luns: [{{lun: 0, bsType: memory, size: 16Mi}}]\n---\n\
+             apiVersion: {GV}\nkind: InitiatorGroup\nmetadata: {{name: hosts}}\n\
+             spec: {{initiators: [{CLIENT}]}}\n---\n\
+             apiVersion: {GV}\nkind: InitiatorGroupBinding\nmetadata: {{name: paths}}\n\
+             spec: {{targetRef: {{name: paths}}, initiatorGroupRef: {{name: hosts}}}}\n"
+        ),
+    )
+    .unwrap();
+    let socket = dir.path().join("admin.sock");
+    let (p1, p2) = (free_port(), free_port());
+    let log_path = dir.path().join("agent.log");
+    let _agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))
+            .arg("standalone")
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", &format!("127.0.0.1:{p1}")])
+            .args(["--listen", &format!("127.0.0.2:{p2},2")])
+            .arg("--admin-socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .expect("start ktgt-agent"),
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let ls = || -> Option<Value> {
+        let out = Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))
+            .args(["ls", "--json", "--admin-socket"])
+            .arg(&socket)
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    let tree = wait_for_or("the admin socket", Duration::from_secs(20), ls, log).await;
+    assert_eq!(
+        tree["portal_groups"],
+        json!([
+            {"tag": 1, "portals": [format!("127.0.0.1:{p1}")]},
+            {"tag": 2, "portals": [format!("127.0.0.2:{p2}")]},
+        ])
+    );
+    let want = [
+        format!("Target:{PG} Portal:127.0.0.1:{p1},1"),
+        format!("Target:{PG} Portal:127.0.0.2:{p2},2"),
+    ];
+    for portal in [format!("127.0.0.1:{p1}"), format!("127.0.0.2:{p2}")] {
+        let (ok, out) = iscsi("iscsi-ls", &["-i", CLIENT, &format!("iscsi://{portal}")]);
+        assert!(ok, "iscsi-ls via {portal}: {out}\n{}", log());
+        let mut lines: Vec<&str> = out.lines().filter(|l| l.starts_with("Target:")).collect();
+        lines.sort_unstable();
+        assert_eq!(lines, want, "discovery via {portal}");
+    }
+    for (portal, tag) in [
+        (format!("127.0.0.1:{p1}"), 1),
+        (format!("127.0.0.2:{p2}"), 2),
+    ] {
+        let lun = format!("iscsi://{portal}/{PG}/0");
+        let (ok, out) = iscsi("iscsi-inq", &["-i", CLIENT, &lun]);
+        assert!(
+            ok && out.contains("TPGS:1"),
+            "standard INQUIRY via {portal}: {out}"
+        );
+        let (ok, out) = iscsi("iscsi-inq", &["-i", CLIENT, "-e", "1", "-c", "131", &lun]);
+        assert!(ok, "VPD 83h via {portal}: {out}");
+        for needle in [
+            format!("[{PG},t,0x000{tag}]"),
+            "(5) TARGET_PORT_GROUP".to_owned(),
+            "(4) RELATIVE_TARGET_PORT".to_owned(),
+        ] {
+            assert!(
+                out.contains(&needle),
+                "VPD 83h via {portal} lacks {needle}: {out}"
+            );
+        }
+    }
+    // One reader through each path; ls shows each session's portal group.
+    let reader = |url: String| {
+        Agent(
+            Command::new("iscsi-perf")
+                .args(["-i", CLIENT, "-t", "30", &url])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start iscsi-perf"),
+        )
+    };
+    let _a = reader(format!("iscsi://127.0.0.1:{p1}/{PG}/0"));
+    let _b = reader(format!("iscsi://127.0.0.2:{p2}/{PG}/0"));
+    let groups = wait_for_or(
+        "a session through each portal group",
+        Duration::from_secs(20),
+        || {
+            let t = ls()?;
+            let mut g: Vec<u64> = t["targets"][0]["sessions"]
+                .as_array()?
+                .iter()
+                .filter(|s| s["reads"].as_u64() > Some(0))
+                .filter_map(|s| s["portal_group"].as_u64())
+                .collect();
+            g.sort_unstable();
+            (g.len() == 2).then_some(g)
+        },
+        log,
+    )
+    .await;
+    assert_eq!(groups, [1, 2]);
+
+    // Bad --listen values, refused before anything starts.
+    for (listen, needle) in [
+        (vec!["127.0.0.1:0,0"], "SPC-4"),
+        (vec!["127.0.0.1:0,x"], "from 1 to 65535"),
+        (vec!["127.0.0.1:3999", "127.0.0.1:3999,2"], "given twice"),
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ktgt-agent"));
+        c.args(["standalone", "--admin-socket", ""]);
+        for l in &listen {
+            c.args(["--listen", l]);
+        }
+        let out = c.output().expect("run ktgt-agent");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{listen:?} accepted");
+        assert!(err.contains(needle), "{listen:?}: unhelpful error: {err}");
+    }
 }

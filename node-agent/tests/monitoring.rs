@@ -40,6 +40,7 @@ async fn exported() -> BTreeMap<String, BTreeSet<String>> {
             tsih: 1,
             initiator: "iqn.2024-01.test:initiator".into(),
             isid: [0x80, 0, 0, 0, 0, 1],
+            tpgt: 1,
             peer: "127.0.0.1:50000".parse().unwrap(),
             cancel: Default::default(),
             end_reason: Default::default(),

@@ -208,6 +208,7 @@ pub fn unit_attention_name(ua: UnitAttention) -> &'static str {
         UnitAttention::ReservationsPreempted => "reservations_preempted",
         UnitAttention::ReservationsReleased => "reservations_released",
         UnitAttention::RegistrationsPreempted => "registrations_preempted",
+        UnitAttention::AsymmetricAccessStateChanged => "asymmetric_access_state_changed",
         UnitAttention::CapacityDataChanged => "capacity_data_changed",
         UnitAttention::InquiryDataChanged => "inquiry_data_changed",
         UnitAttention::ReportedLunsDataChanged => "reported_luns_data_changed",

@@ -40,6 +40,8 @@ pub struct SessionHandle {
     pub tsih: u16,
     pub initiator: String,
     pub isid: [u8; 6],
+    /// The target portal group the session logged in through (its SCSI target port).
+    pub tpgt: u16,
     pub peer: SocketAddr,
     /// Cancelled to end the session; the reason is set first.
     pub cancel: CancellationToken,
@@ -289,11 +291,35 @@ pub struct TargetTable {
     next_tsih: AtomicU16,
     next_session_id: AtomicU64,
     engine: Mutex<Option<Engine>>,
+    /// The portal groups (TPGTs) the targets are served on; empty: group 1 only.
+    port_groups: RwLock<Vec<u16>>,
 }
 
 impl TargetTable {
     pub fn new() -> Arc<TargetTable> {
         Arc::new(TargetTable::default())
+    }
+
+    /// Sets the portal groups (TPGTs, one SCSI target port each) every target is served on:
+    /// every LU reports them in REPORT TARGET PORT GROUPS. [`crate::portal::Portal`] calls
+    /// this when it binds.
+    pub fn set_port_groups(&self, tpgts: &[u16]) {
+        *self.port_groups.write().unwrap_or_else(|e| e.into_inner()) = tpgts.to_vec();
+        for t in self.targets() {
+            for lu in t.all_luns() {
+                lu.set_port_groups(tpgts);
+            }
+        }
+    }
+
+    /// The portal groups every target is served on, in order (group 1 when none was set).
+    pub fn port_groups(&self) -> Vec<u16> {
+        let g = self.port_groups.read().unwrap_or_else(|e| e.into_inner());
+        if g.is_empty() {
+            vec![1]
+        } else {
+            g.clone()
+        }
     }
 
     /// Forces the I/O engine for stores opened from now on (default: probe io_uring, fall back).
@@ -343,17 +369,21 @@ impl TargetTable {
         self.next_session_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Registers a session on `target`, ending any earlier session of the same initiator and
-    /// ISID (session reinstatement, RFC 7143 §6.3.5: "the target MUST ... terminate the old
-    /// session" when a new session with the same ISID and TSIH 0 is established). Every LU of
-    /// the target learns the new I_T nexus.
+    /// Registers a session on `target`, ending any earlier session of the same initiator,
+    /// ISID and portal group (session reinstatement, RFC 7143 §6.3.5: "the target MUST ...
+    /// terminate the old session" when a new session with the same ISID and TSIH 0 is
+    /// established; the TPGT is part of the session identifier, §4.4.3, so a login through
+    /// another portal group is another session). Every LU of the target learns the new I_T
+    /// nexus.
     pub fn register_session(&self, target: &Target, handle: Arc<SessionHandle>) {
         let old: Vec<Arc<SessionHandle>> = {
             let mut sessions = target.sessions.lock().unwrap_or_else(|e| e.into_inner());
             let old = sessions
                 .values()
                 .filter(|s| {
-                    s.isid == handle.isid && s.initiator.eq_ignore_ascii_case(&handle.initiator)
+                    s.isid == handle.isid
+                        && s.tpgt == handle.tpgt
+                        && s.initiator.eq_ignore_ascii_case(&handle.initiator)
                 })
                 .cloned()
                 .collect::<Vec<_>>();
@@ -371,7 +401,7 @@ impl TargetTable {
         }
         let port = crate::scsi::initiator_port(&handle.initiator, &handle.isid);
         for lu in target.all_luns() {
-            lu.add_nexus(handle.id, &port);
+            lu.add_nexus(handle.id, &port, handle.tpgt);
         }
     }
 
@@ -387,11 +417,15 @@ impl TargetTable {
         }
     }
 
-    /// Whether a session with this TSIH exists for (initiator, ISID) on any target.
-    pub fn session_exists(&self, initiator: &str, isid: [u8; 6], tsih: u16) -> bool {
+    /// Whether a session with this TSIH exists for (initiator, ISID) through portal group
+    /// `tpgt` on any target.
+    pub fn session_exists(&self, initiator: &str, isid: [u8; 6], tsih: u16, tpgt: u16) -> bool {
         self.targets().iter().any(|t| {
             t.sessions().iter().any(|s| {
-                s.tsih == tsih && s.isid == isid && s.initiator.eq_ignore_ascii_case(initiator)
+                s.tsih == tsih
+                    && s.isid == isid
+                    && s.tpgt == tpgt
+                    && s.initiator.eq_ignore_ascii_case(initiator)
             })
         })
     }
@@ -555,7 +589,7 @@ impl TargetTable {
                             if let Some(lu) = opened.remove(&(iqn.clone(), *n)) {
                                 for s in &sessions {
                                     let port = crate::scsi::initiator_port(&s.initiator, &s.isid);
-                                    lu.add_nexus(s.id, &port);
+                                    lu.add_nexus(s.id, &port, s.tpgt);
                                 }
                                 st.luns.insert(*n, lu);
                                 st.lun_configs.insert(*n, lc.clone());
@@ -634,8 +668,12 @@ impl TargetTable {
             }
         };
         let identity = LuIdentity::derive(iqn, lc.lun, lc.serial.as_deref());
+        let groups = self.port_groups();
         LogicalUnit::new(lc.lun, store, lc.block_size, lc.read_only, identity)
-            .map(Arc::new)
+            .map(|lu| {
+                lu.set_port_groups(&groups);
+                Arc::new(lu)
+            })
             .map_err(|e| BackendError::Invalid {
                 path: match &lc.backing {
                     Backing::Path(p) => p.clone(),

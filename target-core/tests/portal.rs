@@ -19,6 +19,8 @@ mod login;
 mod memory;
 #[path = "portal/polling.rs"]
 mod polling;
+#[path = "portal/portal_groups.rs"]
+mod portal_groups;
 #[path = "portal/window.rs"]
 mod window;
 #[path = "portal/writes.rs"]

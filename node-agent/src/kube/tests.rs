@@ -202,6 +202,7 @@ fn login(table: &TargetTable, iqn: &str, initiator: &str, peer: &str) -> Arc<Ses
         tsih: table.allocate_tsih(),
         initiator: initiator.to_owned(),
         isid: [0x80, 0, 0, 0, 0, 1],
+        tpgt: 1,
         peer: peer.parse::<SocketAddr>().unwrap(),
         cancel: CancellationToken::new(),
         end_reason: Mutex::new(None),

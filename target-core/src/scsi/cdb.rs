@@ -55,6 +55,8 @@ pub mod op {
     pub const SA_GET_LBA_STATUS: u8 = 0x12;
     /// MAINTENANCE IN service action REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35).
     pub const SA_REPORT_SUPPORTED_OPCODES: u8 = 0x0C;
+    /// MAINTENANCE IN service action REPORT TARGET PORT GROUPS (SPC-4 §6.36).
+    pub const SA_REPORT_TARGET_PORT_GROUPS: u8 = 0x0A;
 }
 
 /// The CDB length implied by the GROUP CODE of `opcode` (SPC-4 §4.2.5.1), or `None` for the

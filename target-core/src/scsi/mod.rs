@@ -33,6 +33,7 @@
 //! an async read-modify-write lock; they are not atomic against plain WRITEs to the same
 //! blocks (as with tgtd).
 
+pub mod alua;
 mod cdb;
 mod identity;
 mod opcodes;
@@ -41,6 +42,8 @@ mod sbc;
 pub mod sense;
 mod spc;
 
+#[cfg(test)]
+mod alua_tests;
 #[cfg(test)]
 mod pr_tests;
 #[cfg(test)]
@@ -154,6 +157,9 @@ pub struct LogicalUnit {
     /// True when some reservation (persistent or SPC-2) exists: commands check `state`'s
     /// reservations only then.
     reserved: AtomicBool,
+    /// True when some target port group is in a state that refuses commands (see
+    /// [`alua`]): commands check their nexus's group only then.
+    alua_restricted: AtomicBool,
     /// Caching mode page WCE (SBC-3 §6.4.5). With WCE=0 every write is FUA.
     wce: AtomicBool,
     state: Mutex<LuState>,
@@ -168,8 +174,11 @@ pub struct LogicalUnit {
 struct LuState {
     /// Pending unit attentions per session, highest priority first.
     ua: HashMap<u64, VecDeque<UnitAttention>>,
-    /// The initiator port (I_T nexus, see [`initiator_port`]) of each session.
-    ports: HashMap<u64, Arc<str>>,
+    /// The I_T nexus (initiator port, see [`initiator_port`], and target port) of each
+    /// session.
+    ports: HashMap<u64, pr::ItNexus>,
+    /// The target port groups the LU is reached through (see [`alua`]).
+    port_groups: Vec<alua::TargetPortGroup>,
     /// Registrations and reservations.
     res: pr::Reservations,
     /// LUN numbers REPORT LUNS lists (the whole target's).
@@ -209,9 +218,11 @@ impl LogicalUnit {
             block_shift,
             ua_pending: AtomicBool::new(false),
             reserved: AtomicBool::new(false),
+            alua_restricted: AtomicBool::new(false),
             wce: AtomicBool::new(DEFAULT_WCE),
             state: Mutex::new(LuState {
                 target_luns: vec![lun],
+                port_groups: alua::default_groups(),
                 ..LuState::default()
             }),
             read_modify_write: tokio::sync::Mutex::new(()),
@@ -282,6 +293,9 @@ impl LogicalUnit {
                 return Err(ScsiError::UnitAttention(ua));
             }
         }
+        if self.alua_restricted.load(Ordering::Acquire) {
+            self.check_access_state(nexus, opcode, cdb)?;
+        }
         match opcode {
             // The hot path first: one atomic load when no reservation exists.
             op::READ_10 | op::READ_16 | op::READ_6 | op::READ_12 => {
@@ -322,7 +336,7 @@ impl LogicalUnit {
         match opcode {
             op::TEST_UNIT_READY => Ok(Bytes::new()),
             op::REQUEST_SENSE => self.request_sense(nexus, cdb),
-            op::INQUIRY => self.inquiry(cdb),
+            op::INQUIRY => self.inquiry(nexus, cdb),
             op::REPORT_LUNS => {
                 let luns = {
                     let mut st = self.lock();
@@ -340,6 +354,9 @@ impl LogicalUnit {
             op::MODE_SELECT_6 | op::MODE_SELECT_10 => self.mode_select(nexus, cdb, &data),
             op::START_STOP_UNIT => spc::start_stop_unit(cdb),
             op::PREVENT_ALLOW_MEDIUM_REMOVAL => spc::prevent_allow(cdb),
+            op::MAINTENANCE_IN if cdb[1] & 0x1F == cdb::op::SA_REPORT_TARGET_PORT_GROUPS => {
+                self.report_target_port_groups(cdb)
+            }
             op::MAINTENANCE_IN => opcodes::maintenance_in(cdb),
             op::READ_CAPACITY_10 => self.read_capacity_10(cdb),
             op::SERVICE_ACTION_IN_16 => self.service_action_in_16(cdb).await,
@@ -443,20 +460,22 @@ impl LogicalUnit {
         }
     }
 
-    /// Session `nexus` logged in through initiator port `initiator_port` (the I_T nexus: build
-    /// it with [`initiator_port`]). It starts with POWER ON, RESET, OR BUS DEVICE RESET
+    /// Session `nexus` logged in through initiator port `initiator_port` (build it with
+    /// [`initiator_port`]) and target port `target_port` (its portal group's TPGT): together
+    /// the I_T nexus. It starts with POWER ON, RESET, OR BUS DEVICE RESET
     /// OCCURRED (29h/00h) pending (SAM-5 §5.14: established for each I_T nexus), and finds the
     /// persistent reservation registrations of its port again (SPC-4 §5.12.4).
     ///
     /// Unit attentions are only kept for sessions registered here: a session that never calls
     /// it sees none, and its reservations belong to it alone. Call
     /// [`LogicalUnit::remove_nexus`] when the session ends.
-    pub fn add_nexus(&self, nexus: u64, initiator_port: &str) {
+    pub fn add_nexus(&self, nexus: u64, initiator_port: &str, target_port: u16) {
         let mut st = self.lock();
         st.ua
             .insert(nexus, VecDeque::from([UnitAttention::PowerOnReset]));
         crate::events::global().unit_attention(UnitAttention::PowerOnReset);
-        st.ports.insert(nexus, Arc::from(initiator_port));
+        st.ports
+            .insert(nexus, pr::ItNexus::new(initiator_port, target_port));
         self.refresh_ua_pending(&st);
     }
 

@@ -178,6 +178,11 @@ const COMMANDS: &[Command] = &[
     ),
     sa_cmd(
         op::MAINTENANCE_IN,
+        op::SA_REPORT_TARGET_PORT_GROUPS,
+        &[0xA3, 0xEA, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0],
+    ),
+    sa_cmd(
+        op::MAINTENANCE_IN,
         op::SA_REPORT_SUPPORTED_OPCODES,
         &[
             0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0,
@@ -221,7 +226,8 @@ pub(crate) fn cdb_len(opcode: u8) -> Option<usize> {
 /// nominal and recommended timeouts in seconds (0: not specified; 30 s recommended).
 const TIMEOUTS: [u8; 12] = [0x00, 0x0A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30];
 
-/// MAINTENANCE IN: only REPORT SUPPORTED OPERATION CODES.
+/// REPORT SUPPORTED OPERATION CODES (MAINTENANCE IN; REPORT TARGET PORT GROUPS is the LU's,
+/// see `alua.rs`).
 pub(crate) fn maintenance_in(cdb: &[u8]) -> Result<Bytes, ScsiError> {
     let c = cdb::fixed::<12>(cdb)?;
     if c[1] & 0x1F != op::SA_REPORT_SUPPORTED_OPCODES {

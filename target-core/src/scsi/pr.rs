@@ -3,11 +3,14 @@
 //! command goes through while a reservation exists.
 //!
 //! # I_T nexuses
-//! Registrations and reservations belong to the I_T nexus, which for iSCSI is the initiator
-//! port name ([`initiator_port`]: initiator name, ",i,0x" and the ISID) together with our one
-//! target port. A session id is not an I_T nexus: a re-login with the same initiator name and
-//! ISID is the same nexus and finds its registrations again. The LU learns each session's port
-//! in [`LogicalUnit::add_nexus`]; a session that never called it gets a port of its own.
+//! Registrations and reservations belong to the I_T nexus ([`ItNexus`]), which for iSCSI is
+//! the initiator port name ([`initiator_port`]: initiator name, ",i,0x" and the ISID)
+//! together with the target port (the portal group the session logged in through; RFC 7143
+//! §4.4.1). A session id is not an I_T nexus: a re-login with the same initiator name and
+//! ISID through the same portal group is the same nexus and finds its registrations again;
+//! the same initiator port through another portal group is another nexus, which registers
+//! on its own (ALL_TG_PT is not supported). The LU learns each session's nexus in
+//! [`LogicalUnit::add_nexus`]; a session that never called it gets a port of its own.
 //!
 //! # What is kept, what is not
 //! - Registrations and the persistent reservation survive I_T nexus loss, LOGICAL UNIT RESET
@@ -53,6 +56,22 @@ mod prout {
     pub const PREEMPT: u8 = 0x04;
     pub const PREEMPT_AND_ABORT: u8 = 0x05;
     pub const REGISTER_AND_IGNORE_EXISTING_KEY: u8 = 0x06;
+}
+
+/// An I_T nexus: an initiator port (see [`initiator_port`]) and a relative target port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ItNexus {
+    initiator: Arc<str>,
+    pub(crate) target_port: u16,
+}
+
+impl ItNexus {
+    pub(crate) fn new(initiator_port: &str, target_port: u16) -> ItNexus {
+        ItNexus {
+            initiator: Arc::from(initiator_port),
+            target_port,
+        }
+    }
 }
 
 /// The iSCSI initiator port name of a session: `<initiator name>,i,0x<ISID in 12 hex digits>`
@@ -132,14 +151,14 @@ impl PrType {
 
 #[derive(Debug, Clone)]
 struct Registration {
-    port: Arc<str>,
+    port: ItNexus,
     key: u64,
 }
 
 #[derive(Debug, Clone)]
 struct Persistent {
     /// The nexus that reserved (for all-registrants types every registrant holds it).
-    holder: Arc<str>,
+    holder: ItNexus,
     kind: PrType,
 }
 
@@ -152,7 +171,7 @@ pub(crate) struct Reservations {
     /// PRGENERATION (SPC-4 §6.15.2): a 32-bit counter that wraps.
     generation: u32,
     /// Holder of an SPC-2 RESERVE(6/10) reservation.
-    spc2: Option<Arc<str>>,
+    spc2: Option<ItNexus>,
 }
 
 impl Reservations {
@@ -161,14 +180,14 @@ impl Reservations {
         self.persistent.is_some() || self.spc2.is_some()
     }
 
-    fn registration(&self, port: &str) -> Option<usize> {
-        self.registrations.iter().position(|r| &*r.port == port)
+    fn registration(&self, port: &ItNexus) -> Option<usize> {
+        self.registrations.iter().position(|r| r.port == *port)
     }
 
-    fn is_holder(&self, port: &str) -> bool {
+    fn is_holder(&self, port: &ItNexus) -> bool {
         match &self.persistent {
             Some(p) if p.kind.all_registrants() => self.registration(port).is_some(),
-            Some(p) => &*p.holder == port,
+            Some(p) => p.holder == *port,
             None => false,
         }
     }
@@ -195,7 +214,7 @@ impl Reservations {
     /// The registration of `port` with its RESERVATION KEY checked: SPC-4 §5.12.6 ff. end
     /// RESERVE, RELEASE, CLEAR and PREEMPT from an unregistered I_T nexus, or one whose
     /// RESERVATION KEY field does not match its registered key, in RESERVATION CONFLICT.
-    fn check_key(&self, port: &str, key: u64) -> Result<usize, ScsiError> {
+    fn check_key(&self, port: &ItNexus, key: u64) -> Result<usize, ScsiError> {
         match self.registration(port) {
             Some(i) if self.registrations[i].key == key => Ok(i),
             _ => Err(ScsiError::ReservationConflict),
@@ -205,7 +224,7 @@ impl Reservations {
     /// Removes registration `i`, releasing the reservation it held (SPC-4 §5.12.11.2.1: the
     /// reservation is released when its holder is unregistered; for an all-registrants type,
     /// when the last registrant goes). Queues the unit attentions due in `uas`.
-    fn unregister(&mut self, i: usize, uas: &mut Vec<(Arc<str>, UnitAttention)>) {
+    fn unregister(&mut self, i: usize, uas: &mut Vec<(ItNexus, UnitAttention)>) {
         let gone = self.registrations.remove(i);
         let Some(p) = &self.persistent else {
             return;
@@ -232,11 +251,11 @@ impl Reservations {
     /// REGISTER and REGISTER AND IGNORE EXISTING KEY (SPC-4 §5.12.6, "Registering").
     fn register(
         &mut self,
-        port: &Arc<str>,
+        port: &ItNexus,
         key: u64,
         sa_key: u64,
         ignore: bool,
-        uas: &mut Vec<(Arc<str>, UnitAttention)>,
+        uas: &mut Vec<(ItNexus, UnitAttention)>,
     ) -> Result<(), ScsiError> {
         match self.registration(port) {
             None => {
@@ -281,7 +300,7 @@ impl Reservations {
     }
 
     /// RESERVE (SPC-4 §5.12.8, "Reserving").
-    fn reserve(&mut self, port: &Arc<str>, key: u64, kind: PrType) -> Result<(), ScsiError> {
+    fn reserve(&mut self, port: &ItNexus, key: u64, kind: PrType) -> Result<(), ScsiError> {
         self.check_key(port, key)?;
         match &self.persistent {
             None => {
@@ -304,10 +323,10 @@ impl Reservations {
     /// RELEASE (SPC-4 §5.12.11.2, "Releasing").
     fn release(
         &mut self,
-        port: &Arc<str>,
+        port: &ItNexus,
         key: u64,
         kind: PrType,
-        uas: &mut Vec<(Arc<str>, UnitAttention)>,
+        uas: &mut Vec<(ItNexus, UnitAttention)>,
     ) -> Result<(), ScsiError> {
         self.check_key(port, key)?;
         let Some(p) = &self.persistent else {
@@ -340,9 +359,9 @@ impl Reservations {
     /// CLEAR (SPC-4 §5.12.11.3, "Clearing").
     fn clear(
         &mut self,
-        port: &Arc<str>,
+        port: &ItNexus,
         key: u64,
-        uas: &mut Vec<(Arc<str>, UnitAttention)>,
+        uas: &mut Vec<(ItNexus, UnitAttention)>,
     ) -> Result<(), ScsiError> {
         self.check_key(port, key)?;
         // "a) release the persistent reservation, if any; b) remove all registrations; c)
@@ -362,11 +381,11 @@ impl Reservations {
     /// PREEMPT and PREEMPT AND ABORT (SPC-4 §5.12.11.4, "Preempting").
     fn preempt(
         &mut self,
-        port: &Arc<str>,
+        port: &ItNexus,
         key: u64,
         sa_key: u64,
         kind: PrType,
-        uas: &mut Vec<(Arc<str>, UnitAttention)>,
+        uas: &mut Vec<(ItNexus, UnitAttention)>,
     ) -> Result<(), ScsiError> {
         self.check_key(port, key)?;
         let current = self.persistent.clone();
@@ -448,7 +467,7 @@ impl Reservations {
     /// The access check of SPC-4 §5.12.1 table 66 ("SPC commands that are allowed in the
     /// presence of various reservations") and SBC-3 §4.17 table 13 (the SBC commands), and for
     /// SPC-2 reservations SPC-2 §5.5.1.
-    fn check(&self, port: &str, opcode: u8, cdb: &[u8]) -> Result<(), ScsiError> {
+    fn check(&self, port: &ItNexus, opcode: u8, cdb: &[u8]) -> Result<(), ScsiError> {
         if let Some(holder) = &self.spc2 {
             // SPC-4 §5.12.3 ("Exceptions to SPC-2 RESERVE and RELEASE behavior"): while an
             // SPC-2 reservation exists, "all PERSISTENT RESERVE IN and all PERSISTENT RESERVE
@@ -463,7 +482,7 @@ impl Reservations {
             // SPC-2 §5.5.1: other initiators may only run commands that cannot interfere with
             // the reservation (INQUIRY, REPORT LUNS, REQUEST SENSE) and RELEASE, which leaves
             // the reservation in place (SPC-2 §7.23).
-            if &**holder != port
+            if *holder != *port
                 && !matches!(
                     opcode,
                     op::INQUIRY
@@ -489,7 +508,7 @@ impl Reservations {
         let allowed = if p.kind.registrants_only() || p.kind.all_registrants() {
             self.registration(port).is_some()
         } else {
-            &*p.holder == port
+            p.holder == *port
         };
         if allowed || (access == Access::Read && !p.kind.exclusive_access()) {
             return Ok(());
@@ -548,19 +567,19 @@ fn access_class(opcode: u8, cdb: &[u8]) -> Access {
 }
 
 impl LuState {
-    /// The initiator port of session `nexus`; one of its own for a session that never called
+    /// The I_T nexus of session `nexus`; one of its own for a session that never called
     /// [`LogicalUnit::add_nexus`].
-    pub(super) fn port(&self, nexus: u64) -> Arc<str> {
+    pub(super) fn port(&self, nexus: u64) -> ItNexus {
         match self.ports.get(&nexus) {
             Some(p) => p.clone(),
-            None => Arc::from(format!("nexus-{nexus}")),
+            None => ItNexus::new(&format!("nexus-{nexus}"), 1),
         }
     }
 
     /// Queues each unit attention for every live session of its initiator port (SPC-4:
     /// "for the initiator port associated with" the I_T nexus). A port with no session
     /// misses it, as a nexus that does not exist cannot be told.
-    fn raise_for_ports(&mut self, uas: Vec<(Arc<str>, UnitAttention)>) {
+    fn raise_for_ports(&mut self, uas: Vec<(ItNexus, UnitAttention)>) {
         for (port, ua) in uas {
             for (nexus, p) in &self.ports {
                 if *p == port {
@@ -649,9 +668,10 @@ impl LogicalUnit {
                         _ => 0,
                     });
                     body.extend_from_slice(&[0; 4]);
-                    // RELATIVE TARGET PORT IDENTIFIER: our one port, 1 (as in VPD page 83h).
-                    body.extend_from_slice(&1u16.to_be_bytes());
-                    let tid = transport_id(&reg.port);
+                    // RELATIVE TARGET PORT IDENTIFIER: the nexus's target port (as in VPD
+                    // page 83h).
+                    body.extend_from_slice(&reg.port.target_port.to_be_bytes());
+                    let tid = transport_id(&reg.port.initiator);
                     body.extend_from_slice(&(tid.len() as u32).to_be_bytes());
                     body.extend_from_slice(&tid);
                 }
@@ -794,7 +814,7 @@ impl LogicalUnit {
 
     /// Drops the SPC-2 reservation held through `port` (I_T nexus loss), or any (`None`:
     /// LOGICAL UNIT RESET). Persistent reservations are not touched (SPC-4 §5.12.4).
-    pub(super) fn release_spc2_for(&self, st: &mut LuState, port: Option<&Arc<str>>) {
+    pub(super) fn release_spc2_for(&self, st: &mut LuState, port: Option<&ItNexus>) {
         if port.is_none() || st.res.spc2.as_ref() == port {
             st.res.spc2 = None;
         }

@@ -35,8 +35,8 @@ async fn lu() -> LogicalUnit {
     let store = Store::Memory(MemStore::new(64 * 512).unwrap());
     let id = LuIdentity::derive("iqn.2024-01.io.ktgt:pr", 0, None);
     let lu = LogicalUnit::new(0, store, 512, false, id).unwrap();
-    lu.add_nexus(A, PORT_A);
-    lu.add_nexus(B, PORT_B);
+    lu.add_nexus(A, PORT_A, 1);
+    lu.add_nexus(B, PORT_B, 1);
     assert_eq!(take_uas(&lu, A).await, vec![(0x29, 0)]);
     assert_eq!(take_uas(&lu, B).await, vec![(0x29, 0)]);
     lu
@@ -415,7 +415,7 @@ async fn registrations_belong_to_the_initiator_port() {
     assert_eq!(take_uas(&lu, B).await, vec![(0x29, 0x03)]);
     assert_eq!(read_reservation(&lu, B).await.map(|r| r.0), Some(K1));
     conflict(&write1(&lu, B).await);
-    lu.add_nexus(7, PORT_A);
+    lu.add_nexus(7, PORT_A, 1);
     take_uas(&lu, 7).await;
     good(&write1(&lu, 7).await);
     good(&prout(&lu, 7, RELEASE, WE, K1, 0).await);
@@ -594,7 +594,7 @@ async fn reserve6_released_by_nexus_loss_and_lun_reset() {
     good(&run(&lu, A, &reserve6, &[]).await);
     conflict(&run(&lu, B, &reserve6, &[]).await);
     lu.remove_nexus(A);
-    lu.add_nexus(3, PORT_A);
+    lu.add_nexus(3, PORT_A, 1);
     take_uas(&lu, 3).await;
     good(&run(&lu, B, &reserve6, &[]).await);
     conflict(&run(&lu, 3, &reserve6, &[]).await);
@@ -643,4 +643,37 @@ async fn prout_data_out_is_bounded() {
         0x1A,
         0,
     );
+}
+
+/// The same initiator port through two portal groups is two I_T nexuses (SPC-4 §5.12: a
+/// registration is for one I_T nexus; ALL_TG_PT is not supported): a write exclusive,
+/// registrants only reservation taken through group 1 leaves the group 2 path unregistered,
+/// until it registers too; READ FULL STATUS names each registration's target port.
+#[tokio::test]
+async fn a_registration_is_for_one_target_port() {
+    const VIA_2: u64 = 9;
+    let lu = lu().await;
+    lu.set_port_groups(&[1, 2]);
+    lu.add_nexus(VIA_2, PORT_A, 2);
+    let _ = take_uas(&lu, VIA_2).await;
+    good(&prout(&lu, A, REGISTER_AND_IGNORE, 0, 0, K1).await);
+    good(&prout(&lu, A, RESERVE, WE_RO, K1, 0).await);
+    good(&write1(&lu, A).await);
+    conflict(&write1(&lu, VIA_2).await);
+    good(&read1(&lu, VIA_2).await);
+    good(&prout(&lu, VIA_2, REGISTER_AND_IGNORE, 0, 0, K1).await);
+    good(&write1(&lu, VIA_2).await);
+    let r = prin(&lu, A, 3, 4096).await;
+    good(&r);
+    let d = &r.data_in;
+    let mut ports = Vec::new();
+    let mut at = 8;
+    while at < d.len() {
+        let desc = &d[at..];
+        ports.push(u16::from_be_bytes([desc[18], desc[19]]));
+        let tid_len = u32::from_be_bytes([desc[20], desc[21], desc[22], desc[23]]) as usize;
+        at += 24 + tid_len;
+    }
+    ports.sort_unstable();
+    assert_eq!(ports, [1, 2]);
 }

@@ -145,6 +145,8 @@ pub enum UnitAttention {
     /// 2Ah/05h REGISTRATIONS PREEMPTED: another nexus's PREEMPT removed this nexus's
     /// registration.
     RegistrationsPreempted,
+    /// 2Ah/06h ASYMMETRIC ACCESS STATE CHANGED: a target port group changed state.
+    AsymmetricAccessStateChanged,
     /// 2Ah/09h CAPACITY DATA HAS CHANGED: the store was resized.
     CapacityDataChanged,
     /// 3Fh/03h INQUIRY DATA HAS CHANGED.
@@ -164,6 +166,7 @@ impl UnitAttention {
             UnitAttention::ReservationsPreempted => (0x2A, 0x03),
             UnitAttention::ReservationsReleased => (0x2A, 0x04),
             UnitAttention::RegistrationsPreempted => (0x2A, 0x05),
+            UnitAttention::AsymmetricAccessStateChanged => (0x2A, 0x06),
             UnitAttention::CapacityDataChanged => (0x2A, 0x09),
             UnitAttention::InquiryDataChanged => (0x3F, 0x03),
             UnitAttention::ReportedLunsDataChanged => (0x3F, 0x0E),
@@ -231,6 +234,11 @@ pub enum ScsiError {
     /// iSCSI targets apply the same way; no data is transferred).
     #[error("invalid field in command information unit")]
     InvalidFieldInCommandInformationUnit,
+    /// NOT READY, 04h LOGICAL UNIT NOT ACCESSIBLE: the command came through a target port
+    /// group whose asymmetric access state does not serve it (SPC-4 §5.15.2.4): ASCQ 0Ah
+    /// transitioning, 0Bh standby, 0Ch unavailable.
+    #[error("logical unit not accessible: target port group {0:?}")]
+    NotAccessible(super::alua::AccessState),
     /// UNIT ATTENTION with the condition's code.
     #[error("unit attention {0:?}")]
     UnitAttention(UnitAttention),
@@ -312,6 +320,16 @@ impl ScsiError {
             ScsiError::InternalTargetFailure => Sense::new(K::HARDWARE_ERROR, 0x44, 0x00),
             ScsiError::InvalidFieldInCommandInformationUnit => {
                 Sense::new(K::ILLEGAL_REQUEST, 0x0e, 0x03)
+            }
+            ScsiError::NotAccessible(state) => {
+                use super::alua::AccessState as A;
+                let ascq = match state {
+                    A::Transitioning => 0x0A,
+                    A::Standby => 0x0B,
+                    // Active states never refuse; unavailable is the closest answer.
+                    A::Unavailable | A::ActiveOptimized | A::ActiveNonOptimized => 0x0C,
+                };
+                Sense::new(K::NOT_READY, 0x04, ascq)
             }
             ScsiError::UnitAttention(ua) => ua.sense(),
             ScsiError::ReservationConflict => Sense::NO_SENSE,

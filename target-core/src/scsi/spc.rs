@@ -46,7 +46,7 @@ fn standard_inquiry(
     // HISUP (bit 4): hierarchical LUN addressing; RESPONSE DATA FORMAT 2.
     d[3] = 0x10 | 0x02;
     d[4] = (d.len() - 5) as u8;
-    // Byte 5: SCCS, ACC, TPGS 00b, 3PC, PROTECT all zero.
+    // Byte 5: SCCS, ACC, TPGS 00b, 3PC, PROTECT all zero (a LU sets TPGS).
     // Byte 7: CMDQUE (bit 1).
     d[7] = 0x02;
     d[8..16].copy_from_slice(vendor);
@@ -79,7 +79,7 @@ fn scsi_name(name: &str) -> Vec<u8> {
 
 impl LogicalUnit {
     /// INQUIRY (SPC-4 §6.4).
-    pub(crate) fn inquiry(&self, cdb: &[u8]) -> Result<Bytes, ScsiError> {
+    pub(crate) fn inquiry(&self, nexus: u64, cdb: &[u8]) -> Result<Bytes, ScsiError> {
         let c = cdb::fixed::<6>(cdb)?;
         let evpd = c[1] & 0x01 != 0;
         let alloc = usize::from(be16([c[3], c[4]]));
@@ -95,7 +95,10 @@ impl LogicalUnit {
                 return Err(ScsiError::cdb(2));
             }
             let id = &self.identity;
-            let d = standard_inquiry(DEVICE_TYPE_DISK, &id.vendor, &id.product, &id.revision);
+            let mut d = standard_inquiry(DEVICE_TYPE_DISK, &id.vendor, &id.product, &id.revision);
+            // TPGS 01b (byte 5 bits 5..4): implicit asymmetric access only (SPC-4 §6.4.2,
+            // table 146): REPORT TARGET PORT GROUPS is supported, SET TARGET PORT GROUPS not.
+            d[5] |= 0x10;
             return Ok(truncated(d, alloc));
         }
         let page = c[2];
@@ -106,7 +109,10 @@ impl LogicalUnit {
             // SPC-4 §7.8.15 Unit Serial Number.
             0x80 => d.extend_from_slice(self.identity.serial.as_bytes()),
             // SPC-4 §7.8.6 Device Identification.
-            0x83 => self.device_identification(&mut d),
+            0x83 => {
+                let port = self.lock().port(nexus).target_port;
+                self.device_identification(port, &mut d)
+            }
             // SBC-3 §6.5.3 Block Limits.
             0xB0 => self.block_limits(&mut d),
             // SBC-3 §6.5.2 Block Device Characteristics: MEDIUM ROTATION RATE 0001h
@@ -135,7 +141,9 @@ impl LogicalUnit {
         Ok(truncated(d, alloc))
     }
 
-    fn device_identification(&self, d: &mut Vec<u8>) {
+    /// Device Identification for a command received through relative target port `port`
+    /// (the session's TPGT).
+    fn device_identification(&self, port: u16, d: &mut Vec<u8>) {
         let id = &self.identity;
         // NAA IEEE Registered Extended: code set 1 (binary), association 0 (LU), type 3 (NAA).
         designator(d, 0x01, 0x03, &id.naa);
@@ -143,13 +151,17 @@ impl LogicalUnit {
         let mut t10 = id.vendor.to_vec();
         t10.extend_from_slice(id.serial.as_bytes());
         designator(d, 0x02, 0x01, &t10);
-        // Relative target port 1: protocol iSCSI (5h), code set 1, PIV, association 1
-        // (target port), type 4.
-        designator(d, 0x51, 0x80 | 0x10 | 0x04, &[0, 0, 0, 1]);
+        let [hi, lo] = port.to_be_bytes();
+        // Relative target port (SPC-4 §7.8.6.5): the TPGT. Protocol iSCSI (5h), code set 1,
+        // PIV, association 1 (target port), type 4.
+        designator(d, 0x51, 0x80 | 0x10 | 0x04, &[0, 0, hi, lo]);
+        // Target port group (§7.8.6.6): the same number, see `alua.rs`. Code set 1,
+        // association 1, type 5.
+        designator(d, 0x01, 0x10 | 0x05, &[0, 0, hi, lo]);
         // SCSI name string of the target port (iSCSI: "<name>,t,0x<TPGT>"; SPC-4 §7.8.6.11,
         // the iSCSI target port name of RFC 7143), code set 3 (UTF-8), PIV, association 1, type 8.
-        let port = format!("{},t,0x0001", id.target_iqn);
-        designator(d, 0x53, 0x80 | 0x10 | 0x08, &scsi_name(&port));
+        let name = format!("{},t,0x{port:04x}", id.target_iqn);
+        designator(d, 0x53, 0x80 | 0x10 | 0x08, &scsi_name(&name));
         // SCSI name string of the target device: association 2.
         designator(d, 0x53, 0x80 | 0x20 | 0x08, &scsi_name(&id.target_iqn));
     }

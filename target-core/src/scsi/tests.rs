@@ -146,8 +146,8 @@ async fn test_unit_ready_and_unknown_opcode() {
 #[tokio::test]
 async fn unit_attentions() {
     let lu = lu();
-    lu.add_nexus(NEXUS, "iqn.test:a,i,0x000000000001");
-    lu.add_nexus(OTHER, "iqn.test:b,i,0x000000000001");
+    lu.add_nexus(NEXUS, "iqn.test:a,i,0x000000000001", 1);
+    lu.add_nexus(OTHER, "iqn.test:b,i,0x000000000001", 1);
     // INQUIRY and REPORT LUNS do not report or clear it.
     good(&run(&lu, &[0x12, 0, 0, 0, 36, 0], &[]).await);
     good(&run(&lu, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]).await);
@@ -749,8 +749,8 @@ async fn mode_sense() {
 #[tokio::test]
 async fn mode_select() {
     let lu = lu();
-    lu.add_nexus(NEXUS, "iqn.test:a,i,0x000000000001");
-    lu.add_nexus(OTHER, "iqn.test:b,i,0x000000000001");
+    lu.add_nexus(NEXUS, "iqn.test:a,i,0x000000000001", 1);
+    lu.add_nexus(OTHER, "iqn.test:b,i,0x000000000001", 1);
     let _ = run(&lu, &[0; 6], &[]).await;
     let _ = lu.execute(OTHER, &[0; 6], vec![], 0).await;
     // Take what MODE SENSE(10) returns, clear WCE, send it back (as sdparm does).
@@ -908,7 +908,7 @@ async fn report_supported_operation_codes() {
     assert_eq!(r.data_in[1] & 0x07, 1);
     invalid_cdb(&run(&lu, &rsoc(3, false, 0x28, 0), &[]).await);
     // Unsupported MAINTENANCE IN service action.
-    invalid_cdb(&run(&lu, &[0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]).await);
+    invalid_cdb(&run(&lu, &[0xA3, 0x05, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]).await);
 }
 
 #[test]
@@ -993,7 +993,7 @@ proptest! {
             cdb[0] = known;
         }
         let lu = lu_with(64, 512, ro);
-        lu.add_nexus(NEXUS, "iqn.test:a,i,0x000000000001");
+        lu.add_nexus(NEXUS, "iqn.test:a,i,0x000000000001", 1);
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let _ = lu.data_out_length(&cdb);
         for _ in 0..2 {

@@ -238,7 +238,7 @@ pub(super) async fn run(
         let name = params.target_name.clone().unwrap_or_default();
         match ctx.table.target(&name) {
             Some(t) => {
-                let h = new_handle(&ctx.table, &params, tsih, peer, local);
+                let h = new_handle(&ctx.table, &params, tsih, peer, local, ctx.tpgt);
                 ctx.table.register_session(&t, h.clone());
                 (Some(t), Some(h))
             }
@@ -1524,18 +1524,13 @@ impl Conn {
         out.freeze()
     }
 
-    /// SendTargets (RFC 7143 Appendix C): targets this initiator may log in to, each with the
-    /// portal this connection arrived on, so `iscsiadm -m node -p <portal>` finds the record.
+    /// SendTargets (RFC 7143 Appendix C): targets this initiator may log in to, each with
+    /// every portal it is served on ("the response lists ... the TargetAddress of each portal
+    /// through which the target can be reached", with its TPGT, §13.8), the portal this
+    /// connection arrived on first, so `iscsiadm -m node -p <portal>` finds the record.
     fn send_targets(&self, value: &str, out: &mut BytesMut) {
         let initiator = &self.params.initiator_name;
-        let tpgt = self.ctx.options.portal_group_tag;
-        let addr = match self.local {
-            SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
-            SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
-                Some(v4) => format!("{}:{}", v4, a.port()),
-                None => format!("[{}]:{}", a.ip(), a.port()),
-            },
-        };
+        let addresses = self.target_addresses();
         let wanted: Vec<Arc<Target>> = match value {
             "All" if self.params.session_type == SessionType::Discovery => self.ctx.table.targets(),
             // RFC 7143 Appendix C: in a normal session, an empty value or the session's own
@@ -1547,10 +1542,39 @@ impl Conn {
             if !t.admits(initiator, self.peer.ip()) {
                 continue;
             }
-            out.extend_from_slice(
-                format!("TargetName={}\0TargetAddress={},{}\0", t.iqn, addr, tpgt).as_bytes(),
-            );
+            out.extend_from_slice(format!("TargetName={}\0", t.iqn).as_bytes());
+            for a in &addresses {
+                out.extend_from_slice(format!("TargetAddress={a}\0").as_bytes());
+            }
         }
+    }
+
+    /// The TargetAddress values of every portal: `ADDR:PORT,TPGT`. This connection's portal
+    /// comes first, with the local address it was reached on; a portal bound to a wildcard
+    /// address is named by this connection's local address and that portal's port.
+    fn target_addresses(&self) -> Vec<String> {
+        fn text(a: SocketAddr, tpgt: u16) -> String {
+            match a {
+                SocketAddr::V4(a) => format!("{}:{},{tpgt}", a.ip(), a.port()),
+                SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+                    Some(v4) => format!("{}:{},{tpgt}", v4, a.port()),
+                    None => format!("[{}]:{},{tpgt}", a.ip(), a.port()),
+                },
+            }
+        }
+        let mut out = vec![text(self.local, self.ctx.tpgt)];
+        for p in self.ctx.portals.iter() {
+            let addr = if p.addr.ip().is_unspecified() {
+                SocketAddr::new(self.local.ip(), p.addr.port())
+            } else {
+                p.addr
+            };
+            let t = text(addr, p.tpgt);
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+        out
     }
 
     async fn logout(&mut self, l: LogoutRequest) -> Result<bool, ConnectionError> {

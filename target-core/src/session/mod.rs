@@ -47,8 +47,6 @@ pub struct SessionOptions {
     pub login_timeout: Duration,
     /// How long in-flight commands may take to finish when a session is ended by the target.
     pub drain_timeout: Duration,
-    /// TargetPortalGroupTag advertised for every portal.
-    pub portal_group_tag: u16,
     /// How long a connection whose last command was answered inline polls its socket for
     /// the next one before it sleeps (zero: never polls). Keep it short (the agent allows
     /// at most 1 ms): while it polls, the connection watches nothing else, shutdown
@@ -65,7 +63,6 @@ impl Default for SessionOptions {
             nop_timeout: Duration::from_secs(30),
             login_timeout: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(10),
-            portal_group_tag: 1,
             busy_poll: Duration::from_micros(50),
         }
     }
@@ -78,12 +75,22 @@ pub struct ConnectionContext {
     pub options: Arc<SessionOptions>,
     /// Cancelled when the agent shuts down.
     pub shutdown: CancellationToken,
+    /// The target portal group of the portal this connection arrived on: its TPGT is what the
+    /// login reports (RFC 7143 §13.9 TargetPortalGroupTag) and the SCSI target port of the
+    /// session's I_T nexus.
+    pub tpgt: u16,
+    /// Every portal the agent listens on, for SendTargets.
+    pub portals: Arc<[crate::portal::NetworkPortal]>,
 }
 
 /// Answers the login machine's questions from the target table, for one peer address.
 struct Authority<'a> {
     table: &'a TargetTable,
     peer: SocketAddr,
+    /// The portal group the connection arrived on: a session is named by its ISID, TSIH and
+    /// TPGT (RFC 7143 §4.4.3: "the target portal group tag ... and the ISID ... together form
+    /// the session identifier").
+    tpgt: u16,
 }
 
 impl LoginAuthority for Authority<'_> {
@@ -118,7 +125,8 @@ impl LoginAuthority for Authority<'_> {
     }
 
     fn session_exists(&self, initiator_name: &str, isid: Isid, tsih: Tsih) -> bool {
-        self.table.session_exists(initiator_name, isid.0, tsih.0)
+        self.table
+            .session_exists(initiator_name, isid.0, tsih.0, self.tpgt)
     }
 }
 
@@ -212,7 +220,7 @@ async fn login_phase(
     let opts = &ctx.options;
     let mut machine = LoginMachine::new(LoginConfig {
         limits: opts.limits.clone(),
-        portal_group_tag: opts.portal_group_tag,
+        portal_group_tag: ctx.tpgt,
         discovery_auth: AuthRequirement::None,
         initial_stat_sn: Sn(rand::random::<u32>() & 0x0fff_ffff),
         queue_depth: opts.queue_depth,
@@ -222,6 +230,7 @@ async fn login_phase(
     let authority = Authority {
         table: &ctx.table,
         peer,
+        tpgt: ctx.tpgt,
     };
     let mut wbuf = BytesMut::new();
     let mut last_cmd_sn;
@@ -335,12 +344,14 @@ pub(crate) fn new_handle(
     tsih: u16,
     peer: SocketAddr,
     local: SocketAddr,
+    tpgt: u16,
 ) -> Arc<SessionHandle> {
     Arc::new(SessionHandle {
         id: table.allocate_session_id(),
         tsih,
         initiator: params.initiator_name.clone(),
         isid: params.isid.0,
+        tpgt,
         peer,
         cancel: CancellationToken::new(),
         end_reason: std::sync::Mutex::new(None),

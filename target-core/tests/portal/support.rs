@@ -18,7 +18,7 @@ use iscsi_proto::{text, Codec, Pdu};
 use target_core::config::{
     Acl, AddressRule, ChapConfig, ChapCredentials, DesiredState, LunConfig, TargetConfig,
 };
-use target_core::portal::Portal;
+use target_core::portal::{NetworkPortal, Portal};
 use target_core::session::SessionOptions;
 use target_core::table::TargetTable;
 use target_core::workers::Workers;
@@ -82,7 +82,10 @@ pub fn options() -> SessionOptions {
 /// A served target table on a loopback port.
 pub struct Target {
     pub table: Arc<TargetTable>,
+    /// The first portal's address.
     pub addr: SocketAddr,
+    /// Every portal bound, with its tag.
+    pub portals: Vec<NetworkPortal>,
     pub cancel: CancellationToken,
     pub serve: JoinHandle<()>,
 }
@@ -102,21 +105,34 @@ impl Target {
         opts: SessionOptions,
         workers: Option<Arc<Workers>>,
     ) -> Target {
+        let loopback = NetworkPortal::new("127.0.0.1:0".parse().unwrap());
+        Target::start_portals(desired, opts, workers, &[loopback]).await
+    }
+
+    /// On each of `portals` (loopback addresses, port 0 for any).
+    pub async fn start_portals(
+        desired: DesiredState,
+        opts: SessionOptions,
+        workers: Option<Arc<Workers>>,
+        portals: &[NetworkPortal],
+    ) -> Target {
         let table = TargetTable::new();
         let report = table.apply(&desired).await;
         assert!(report.errors.is_empty(), "apply: {:?}", report.errors);
-        let mut portal = Portal::bind(&["127.0.0.1:0".parse().unwrap()], table.clone(), opts, 64)
+        let mut portal = Portal::bind_portals(portals, table.clone(), opts, 64)
             .await
             .expect("bind loopback");
         if let Some(w) = workers {
             portal = portal.with_workers(w);
         }
-        let addr = portal.local_addrs()[0];
+        let portals = portal.portals();
+        let addr = portals[0].addr;
         let cancel = CancellationToken::new();
         let serve = tokio::spawn(portal.serve(cancel.clone()));
         Target {
             table,
             addr,
+            portals,
             cancel,
             serve,
         }
