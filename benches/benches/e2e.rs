@@ -81,6 +81,7 @@ fn desired() -> DesiredState {
     };
     DesiredState {
         targets: [(TARGET.to_owned(), target)].into_iter().collect(),
+        discovery_chap: None,
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ktgt_agent::config;
+use ktgt_operator::api::SecretReference;
 use target_core::lun::Engine;
 use target_core::portal::{NetworkPortal, Portal};
 use target_core::session::SessionOptions;
@@ -128,6 +129,19 @@ struct ServeArgs {
     /// logged in through two groups has two paths (docs/design/portals.md).
     #[arg(long = "listen", short = 'l', default_value = "127.0.0.1:3260")]
     listen: Vec<NetworkPortal>,
+    /// Require CHAP on discovery sessions, with the account in this Secret
+    /// ([NAMESPACE/]NAME, namespace "default" if omitted; keys username and password, or
+    /// kubelet's discovery.sendtargets.auth.username and .password). Standalone: a Secret in
+    /// the configuration file; Kubernetes: read from the API. Unset: discovery takes no
+    /// authentication (SendTargets still lists only the targets the asker may log in to).
+    #[arg(long, value_name = "[NAMESPACE/]NAME", value_parser = secret_reference)]
+    discovery_chap_secret: Option<SecretReference>,
+    /// The target's own account for mutual CHAP on discovery sessions (keys username and
+    /// password). Without it, the discovery.sendtargets.auth.username_in and .password_in
+    /// keys of --discovery-chap-secret are used when present.
+    #[arg(long, value_name = "[NAMESPACE/]NAME", value_parser = secret_reference,
+          requires = "discovery_chap_secret")]
+    discovery_chap_mutual_secret: Option<SecretReference>,
     /// Commands an initiator may have outstanding per session.
     #[arg(long, default_value_t = 128)]
     queue_depth: u32,
@@ -228,7 +242,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { config } => {
-            let desired = load(&Source::File(config))?;
+            let desired = load(&Source::File(config), None)?;
             for (iqn, t) in &desired.targets {
                 println!("target {iqn}: {} LUN(s), ACL {:?}", t.luns.len(), t.acl);
             }
@@ -257,12 +271,15 @@ impl std::fmt::Display for Source {
 }
 
 /// Loads and fully validates the configuration: nothing starts half-configured.
-fn load(source: &Source) -> anyhow::Result<target_core::config::DesiredState> {
+fn load(
+    source: &Source,
+    discovery: Option<&config::DiscoveryChap>,
+) -> anyhow::Result<target_core::config::DesiredState> {
     match source {
         // load_file also checks the backing stores.
-        Source::File(path) => Ok(config::load_file(path)?),
+        Source::File(path) => Ok(config::load_file_with(path, discovery)?),
         Source::Embedded => {
-            let desired = config::parse_str(EMBEDDED_DEFAULT, "embedded default")?;
+            let desired = config::parse_str_with(EMBEDDED_DEFAULT, "embedded default", discovery)?;
             let problems = config::check_backing_stores(&desired);
             if let Some(first) = problems.first() {
                 anyhow::bail!("embedded default: {first}");
@@ -273,6 +290,16 @@ fn load(source: &Source) -> anyhow::Result<target_core::config::DesiredState> {
 }
 
 impl ServeArgs {
+    /// `--discovery-chap-secret` and `--discovery-chap-mutual-secret`.
+    fn discovery_chap(&self) -> Option<config::DiscoveryChap> {
+        self.discovery_chap_secret
+            .clone()
+            .map(|secret_ref| config::DiscoveryChap {
+                secret_ref,
+                mutual_secret_ref: self.discovery_chap_mutual_secret.clone(),
+            })
+    }
+
     fn engine(&self) -> Engine {
         match self.engine {
             EngineArg::Auto => Engine::Auto,
@@ -357,7 +384,9 @@ async fn standalone(
     workers: Option<Arc<Workers>>,
 ) -> anyhow::Result<()> {
     use ktgt_operator::telemetry::{self, Readiness, TelemetryServer};
-    let desired = load(&source).with_context(|| format!("invalid configuration: {source}"))?;
+    let discovery = args.discovery_chap();
+    let desired = load(&source, discovery.as_ref())
+        .with_context(|| format!("invalid configuration: {source}"))?;
     let table = TargetTable::new();
     table.set_engine(args.engine());
     let report = table.apply(&desired).await;
@@ -401,7 +430,7 @@ async fn standalone(
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(&source, &table).await,
+            _ = hup.recv() => reload(&source, discovery.as_ref(), &table).await,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -421,9 +450,13 @@ async fn standalone(
 }
 
 /// SIGHUP: re-read the file; apply it only if it is entirely valid.
-async fn reload(source: &Source, table: &Arc<TargetTable>) {
+async fn reload(
+    source: &Source,
+    discovery: Option<&config::DiscoveryChap>,
+    table: &Arc<TargetTable>,
+) {
     info!(config = %source, "SIGHUP: reloading configuration");
-    match load(source) {
+    match load(source, discovery) {
         Ok(desired) => {
             let report = table.apply(&desired).await;
             report.log();
@@ -483,7 +516,10 @@ async fn kubernetes(
         metrics,
         readiness,
         shutdown.clone(),
-        volume_dir,
+        cluster::Options {
+            volume_dir,
+            discovery: args.discovery_chap(),
+        },
     ));
     info!(node = %node, listen = ?args.listen, "ktgt-agent (kubernetes) started");
 
@@ -504,6 +540,29 @@ async fn kubernetes(
     table.flush_all().await;
     info!("stores flushed; exiting");
     Ok(())
+}
+
+/// `[NAMESPACE/]NAME` of a Secret.
+fn secret_reference(s: &str) -> Result<SecretReference, String> {
+    let (namespace, name) = match s.split_once('/') {
+        Some((ns, name)) => (Some(ns), name),
+        None => (None, s),
+    };
+    let valid = |v: &str| {
+        !v.is_empty()
+            && v.len() <= 253
+            && v.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    if !valid(name) || namespace.is_some_and(|ns| !valid(ns)) {
+        return Err(format!(
+            "{s:?}: expected [NAMESPACE/]NAME of a Secret (lowercase letters, digits, '-' and '.')"
+        ));
+    }
+    Ok(SecretReference {
+        name: name.to_owned(),
+        namespace: namespace.map(str::to_owned),
+    })
 }
 
 /// `--admin-socket` as given, the empty value included (clap's PathBuf parser refuses it).

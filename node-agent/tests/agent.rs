@@ -918,3 +918,104 @@ async fn two_portal_groups_are_two_paths_to_each_lun() {
         assert!(err.contains(needle), "{listen:?}: unhelpful error: {err}");
     }
 }
+
+/// `--discovery-chap-secret` with libiscsi's `iscsi-ls` (a discovery session): the right
+/// account lists the target, a wrong secret or none is refused, and normal logins of a
+/// target without CHAP are unaffected. A flag naming a Secret the file does not hold stops
+/// the agent before it starts, naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_chap_from_a_flag_named_secret() {
+    if !have("iscsi-ls") || !have("iscsi-inq") {
+        eprintln!("SKIP discovery_chap_from_a_flag_named_secret: libiscsi-bin not installed");
+        return;
+    }
+    const DT: &str = "iqn.2024-01.cloud.unstable.test:discovered";
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: {GV}\nkind: Target\nmetadata: {{name: d}}\nspec:\n  iqn: {DT}\n  \
+             luns: [{{lun: 0, bsType: memory, size: 16Mi}}]\n---\n\
+             apiVersion: {GV}\nkind: InitiatorGroup\nmetadata: {{name: hosts}}\n\
+             spec: {{initiators: [{CLIENT}]}}\n---\n\
+             apiVersion: {GV}\nkind: InitiatorGroupBinding\nmetadata: {{name: d}}\n\
+             spec: {{targetRef: {{name: d}}, initiatorGroupRef: {{name: hosts}}}}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {{name: discovery, namespace: storage}}\n\
+             type: kubernetes.io/iscsi-chap\nstringData:\n  \
+             discovery.sendtargets.auth.username: finder\n  \
+             discovery.sendtargets.auth.password: discovery-secret-1\n"
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let log_path = dir.path().join("agent.log");
+    let _agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))
+            .arg("standalone")
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--discovery-chap-secret", "storage/discovery"])
+            .args(["--admin-socket", ""])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .expect("start ktgt-agent"),
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let listed = wait_for_or(
+        "discovery with the right account",
+        Duration::from_secs(20),
+        || {
+            let (ok, out) = iscsi(
+                "iscsi-ls",
+                &[
+                    "-i",
+                    CLIENT,
+                    &format!("iscsi://finder%discovery-secret-1@127.0.0.1:{port}"),
+                ],
+            );
+            ok.then_some(out)
+        },
+        log,
+    )
+    .await;
+    assert!(
+        listed.contains(&format!("Target:{DT} Portal:127.0.0.1:{port},1")),
+        "{listed}"
+    );
+    for url in [
+        format!("iscsi://finder%not-the-secret-1@127.0.0.1:{port}"),
+        format!("iscsi://127.0.0.1:{port}"),
+    ] {
+        let (ok, out) = iscsi("iscsi-ls", &["-i", CLIENT, &url]);
+        assert!(!ok, "discovery as {url} succeeded: {out}");
+        assert!(!out.contains(DT), "{url} learned the target name: {out}");
+    }
+    let (ok, out) = iscsi(
+        "iscsi-inq",
+        &["-i", CLIENT, &format!("iscsi://127.0.0.1:{port}/{DT}/0")],
+    );
+    assert!(ok, "a normal login without CHAP: {out}\n{}", log());
+
+    let out = Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))
+        .args([
+            "standalone",
+            "--admin-socket",
+            "",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .args(["--discovery-chap-secret", "storage/missing"])
+        .output()
+        .expect("run ktgt-agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--discovery-chap-secret: Secret storage/missing not found"),
+        "{err}"
+    );
+}

@@ -12,6 +12,10 @@ use ipnet::IpNet;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub targets: BTreeMap<String, TargetConfig>,
+    /// CHAP for discovery sessions. `None`: discovery takes no authentication. `Some` with no
+    /// incoming account: discovery is required to authenticate and nobody can (a configured
+    /// discovery secret that could not be read fails closed).
+    pub discovery_chap: Option<ChapConfig>,
 }
 
 /// One iSCSI target.

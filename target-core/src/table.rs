@@ -293,6 +293,8 @@ pub struct TargetTable {
     engine: Mutex<Option<Engine>>,
     /// The portal groups (TPGTs) the targets are served on; empty: group 1 only.
     port_groups: RwLock<Vec<u16>>,
+    /// Discovery session CHAP, from the last applied [`DesiredState`].
+    discovery_chap: RwLock<Option<ChapConfig>>,
 }
 
 impl TargetTable {
@@ -310,6 +312,14 @@ impl TargetTable {
                 lu.set_port_groups(tpgts);
             }
         }
+    }
+
+    /// Discovery session CHAP (see [`DesiredState::discovery_chap`]).
+    pub fn discovery_chap(&self) -> Option<ChapConfig> {
+        self.discovery_chap
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The portal groups every target is served on, in order (group 1 when none was set).
@@ -460,6 +470,12 @@ impl TargetTable {
     pub async fn apply(&self, desired: &DesiredState) -> ApplyReport {
         let _serial = self.apply_lock.lock().await;
         let mut report = ApplyReport::default();
+        // Discovery CHAP applies to logins from now on; a discovery session already open
+        // keeps going (it can only list targets, which the ACL check still filters).
+        *self
+            .discovery_chap
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = desired.discovery_chap.clone();
         let current = self.targets();
 
         // Open new or changed LUNs first, outside any lock. A LUN whose configuration changed

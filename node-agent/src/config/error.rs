@@ -30,6 +30,14 @@ pub enum ConfigError {
         origin: String,
         errors: Vec<ObjectError>,
     },
+    /// The discovery CHAP Secret named on the command line is missing or invalid.
+    #[error("{origin}: {field}: {problem}")]
+    DiscoveryChap {
+        origin: String,
+        /// The flag (and reference field) at fault.
+        field: String,
+        problem: Problem,
+    },
 }
 
 impl ConfigError {
@@ -208,8 +216,14 @@ pub enum Problem {
         key: &'static str,
         reason: String,
     },
-    #[error("Secret {secret}: key \"password\" is {len} bytes; CHAP secrets must be at least 12 bytes (96 bits, RFC 7143 §12.1.3)")]
-    ChapSecretTooShort { secret: String, len: usize },
+    #[error("Secret {secret}: no CHAP credentials: it needs the keys {keys}")]
+    ChapKeysMissing { secret: String, keys: &'static str },
+    #[error("Secret {secret}: key {key:?} is {len} bytes; CHAP secrets must be at least 12 bytes (96 bits, RFC 7143 §12.1.3)")]
+    ChapSecretTooShort {
+        secret: String,
+        key: &'static str,
+        len: usize,
+    },
     #[error("the mutual CHAP secret equals the initiator's secret; RFC 7143 §12.1.3: a secret used for initiator authentication MUST NOT be configured for target authentication")]
     MutualSecretReused,
 }
@@ -241,7 +255,9 @@ impl Problem {
             Problem::MissingReference { .. } => "MissingReference",
             Problem::InvalidBoundGroup { .. } => "InvalidInitiatorGroup",
             Problem::SecretNotFound { .. } => "SecretNotFound",
-            Problem::SecretKeyMissing { .. } => "SecretKeyMissing",
+            Problem::SecretKeyMissing { .. } | Problem::ChapKeysMissing { .. } => {
+                "SecretKeyMissing"
+            }
             Problem::SecretKeyInvalid { .. } => "SecretKeyInvalid",
             Problem::ChapSecretTooShort { .. } => "ChapSecretTooShort",
             Problem::MutualSecretReused => "MutualSecretReused",

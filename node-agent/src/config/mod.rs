@@ -29,8 +29,8 @@ pub use error::{ConfigError, ObjectError, ObjectKind, Problem};
 pub use ktgt_operator::quantity::parse_bytes;
 pub use names::{check_iscsi_name, MAX_NAME_BYTES};
 pub use resolve::{
-    desired_state, desired_state_for_node, parse_address, Objects, Resolved, DEFAULT_BLOCK_SIZE,
-    DEFAULT_NAMESPACE, MAX_LUN, MIN_CHAP_SECRET_BYTES,
+    desired_state, desired_state_for_node, discovery_chap, parse_address, DiscoveryChap, Objects,
+    Resolved, DEFAULT_BLOCK_SIZE, DEFAULT_NAMESPACE, MAX_LUN, MIN_CHAP_SECRET_BYTES,
 };
 
 /// Reads and validates a standalone configuration file, including that every backing store
@@ -41,13 +41,22 @@ pub use resolve::{
 /// Every problem found, each naming the document, object and field. Nothing is returned
 /// half-configured.
 pub fn load_file(path: &Path) -> Result<DesiredState, ConfigError> {
+    load_file_with(path, None)
+}
+
+/// [`load_file`], with discovery CHAP read from the Secrets `discovery` names (in the same
+/// file).
+pub fn load_file_with(
+    path: &Path,
+    discovery: Option<&DiscoveryChap>,
+) -> Result<DesiredState, ConfigError> {
     let yaml = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
     })?;
     let origin = path.display().to_string();
     let parsed = parse::parse_objects(&yaml, &origin)?;
-    let state = resolve_standalone(&parsed, &origin)?;
+    let state = resolve_standalone(&parsed, &origin, discovery)?;
     let problems = check_backing_stores(&state);
     if problems.is_empty() {
         return Ok(state);
@@ -66,16 +75,40 @@ pub fn load_file(path: &Path) -> Result<DesiredState, ConfigError> {
 /// (a path, `<stdin>`). Does not touch the filesystem: backing stores are not checked (see
 /// [`check_backing_stores`]).
 pub fn parse_str(yaml: &str, origin: &str) -> Result<DesiredState, ConfigError> {
-    let parsed = parse::parse_objects(yaml, origin)?;
-    resolve_standalone(&parsed, origin)
+    parse_str_with(yaml, origin, None)
 }
 
-fn resolve_standalone(parsed: &parse::Parsed, origin: &str) -> Result<DesiredState, ConfigError> {
+/// [`parse_str`] with discovery CHAP (see [`load_file_with`]).
+pub fn parse_str_with(
+    yaml: &str,
+    origin: &str,
+    discovery: Option<&DiscoveryChap>,
+) -> Result<DesiredState, ConfigError> {
+    let parsed = parse::parse_objects(yaml, origin)?;
+    resolve_standalone(&parsed, origin, discovery)
+}
+
+fn resolve_standalone(
+    parsed: &parse::Parsed,
+    origin: &str,
+    discovery: Option<&DiscoveryChap>,
+) -> Result<DesiredState, ConfigError> {
     warn_cluster_only_fields(&parsed.objects);
-    desired_state(&parsed.objects).map_err(|errors| ConfigError::Invalid {
+    let mut state = desired_state(&parsed.objects).map_err(|errors| ConfigError::Invalid {
         origin: origin.to_owned(),
         errors: parsed.locate(errors),
-    })
+    })?;
+    if let Some(d) = discovery {
+        let chap = discovery_chap(d, &parsed.objects).map_err(|(field, problem)| {
+            ConfigError::DiscoveryChap {
+                origin: origin.to_owned(),
+                field,
+                problem,
+            }
+        })?;
+        state.discovery_chap = Some(chap);
+    }
+    Ok(state)
 }
 
 /// Standalone mode has no Nodes to select: say so rather than silently ignoring the fields.

@@ -516,37 +516,170 @@ fn chap_config(
     chap: &TargetChap,
     secrets: &SecretIndex<'_>,
 ) -> Result<ChapConfig, (String, Problem)> {
-    let incoming = credentials(&chap.secret_ref, secrets)
+    let (incoming, secret) = credentials(&chap.secret_ref, secrets, ChapRole::Initiator)
         .map_err(|(f, p)| (format!("spec.chap.secretRef{f}"), p))?;
     let outgoing = match &chap.mutual_secret_ref {
-        None => None,
         Some(reference) => {
             let field = "spec.chap.mutualSecretRef";
-            let creds =
-                credentials(reference, secrets).map_err(|(f, p)| (format!("{field}{f}"), p))?;
-            if creds.secret == incoming.secret {
-                return Err((field.to_owned(), Problem::MutualSecretReused));
-            }
-            Some(creds)
+            let (creds, _) = credentials(reference, secrets, ChapRole::Target)
+                .map_err(|(f, p)| (format!("{field}{f}"), p))?;
+            Some((field, creds))
         }
+        // kubelet's Secret (type kubernetes.io/iscsi-chap) carries the target's credentials
+        // for mutual CHAP beside the initiator's: the initiator will ask for them.
+        None => read_pair(secret, ChapRole::Target.keys()[1], &label(&chap.secret_ref))
+            .map_err(|p| ("spec.chap.secretRef".to_owned(), p))?
+            .map(|creds| ("spec.chap.secretRef", creds)),
     };
+    if let Some((field, creds)) = &outgoing {
+        if creds.secret == incoming.secret {
+            return Err(((*field).to_owned(), Problem::MutualSecretReused));
+        }
+    }
     Ok(ChapConfig {
         incoming: vec![incoming],
-        outgoing,
+        outgoing: outgoing.map(|(_, c)| c),
     })
 }
 
-/// Reads `username`/`password` from the referenced Secret. The error's field is relative to
-/// the reference (`""` or `.name`).
-fn credentials(
+/// Discovery CHAP from the agent's `--discovery-chap-secret` (and, for mutual CHAP,
+/// `--discovery-chap-mutual-secret`, or the `discovery.sendtargets.auth.*_in` keys of the
+/// first Secret). The error names the flag.
+pub fn discovery_chap(
+    reference: &DiscoveryChap,
+    objects: &Objects,
+) -> Result<ChapConfig, (String, Problem)> {
+    let mut errors = Vec::new();
+    let secrets = index_secrets(&objects.secrets, &mut errors);
+    let flag = "--discovery-chap-secret";
+    let (incoming, secret) = credentials(
+        &reference.secret_ref,
+        &secrets,
+        ChapRole::DiscoveryInitiator,
+    )
+    .map_err(|(f, p)| (format!("{flag}{f}"), p))?;
+    let outgoing = match &reference.mutual_secret_ref {
+        Some(r) => {
+            let flag = "--discovery-chap-mutual-secret";
+            let (creds, _) = credentials(r, &secrets, ChapRole::DiscoveryTarget)
+                .map_err(|(f, p)| (format!("{flag}{f}"), p))?;
+            Some((flag, creds))
+        }
+        None => read_pair(
+            secret,
+            ChapRole::DiscoveryTarget.keys()[1],
+            &label(&reference.secret_ref),
+        )
+        .map_err(|p| (flag.to_owned(), p))?
+        .map(|creds| (flag, creds)),
+    };
+    if let Some((flag, creds)) = &outgoing {
+        if creds.secret == incoming.secret {
+            return Err(((*flag).to_owned(), Problem::MutualSecretReused));
+        }
+    }
+    Ok(ChapConfig {
+        incoming: vec![incoming],
+        outgoing: outgoing.map(|(_, c)| c),
+    })
+}
+
+/// The Secrets naming discovery CHAP credentials (see [`discovery_chap`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveryChap {
+    pub secret_ref: SecretReference,
+    pub mutual_secret_ref: Option<SecretReference>,
+}
+
+/// Which credentials a CHAP Secret is read for, and so which keys are read.
+#[derive(Debug, Clone, Copy)]
+enum ChapRole {
+    /// An initiator logging in to a target (`spec.chap.secretRef`).
+    Initiator,
+    /// The target's own, for mutual CHAP (`spec.chap.mutualSecretRef`).
+    Target,
+    /// An initiator opening a discovery session.
+    DiscoveryInitiator,
+    /// The target's own on discovery sessions.
+    DiscoveryTarget,
+}
+
+impl ChapRole {
+    /// (user key, secret key) pairs, in the order they are looked for: tgtd-operator's
+    /// `username`/`password`, then the open-iscsi setting names that kubelet's in-tree iSCSI
+    /// volumes and csi-driver-iscsi put in a `kubernetes.io/iscsi-chap` Secret.
+    const fn keys(self) -> [(&'static str, &'static str); 2] {
+        let ours = ("username", "password");
+        match self {
+            ChapRole::Initiator => [
+                ours,
+                ("node.session.auth.username", "node.session.auth.password"),
+            ],
+            ChapRole::Target => [
+                ours,
+                (
+                    "node.session.auth.username_in",
+                    "node.session.auth.password_in",
+                ),
+            ],
+            ChapRole::DiscoveryInitiator => [
+                ours,
+                (
+                    "discovery.sendtargets.auth.username",
+                    "discovery.sendtargets.auth.password",
+                ),
+            ],
+            ChapRole::DiscoveryTarget => [
+                ours,
+                (
+                    "discovery.sendtargets.auth.username_in",
+                    "discovery.sendtargets.auth.password_in",
+                ),
+            ],
+        }
+    }
+
+    /// The key names, for the error when neither pair is there.
+    const fn describe(self) -> &'static str {
+        match self {
+            ChapRole::Initiator => {
+                "username and password (or node.session.auth.username and node.session.auth.password)"
+            }
+            ChapRole::Target => {
+                "username and password (or node.session.auth.username_in and node.session.auth.password_in)"
+            }
+            ChapRole::DiscoveryInitiator => {
+                "username and password (or discovery.sendtargets.auth.username and discovery.sendtargets.auth.password)"
+            }
+            ChapRole::DiscoveryTarget => {
+                "username and password (or discovery.sendtargets.auth.username_in and discovery.sendtargets.auth.password_in)"
+            }
+        }
+    }
+}
+
+/// `namespace/name` of a Secret reference, the namespace defaulted.
+fn label(reference: &SecretReference) -> String {
+    format!(
+        "{}/{}",
+        reference.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
+        reference.name
+    )
+}
+
+/// Reads the credentials of `role` from the referenced Secret: the first key pair of
+/// [`ChapRole::keys`] whose user key is there. Returns the Secret too. The error's field is
+/// relative to the reference (`""` or `.name`).
+fn credentials<'a>(
     reference: &SecretReference,
-    secrets: &SecretIndex<'_>,
-) -> Result<ChapCredentials, (String, Problem)> {
+    secrets: &SecretIndex<'a>,
+    role: ChapRole,
+) -> Result<(ChapCredentials, &'a Secret), (String, Problem)> {
     if reference.name.is_empty() {
         return Err((".name".to_owned(), Problem::MissingName));
     }
     let namespace = reference.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
-    let Some(secret) = secrets.get(&(namespace, reference.name.as_str())) else {
+    let Some(&secret) = secrets.get(&(namespace, reference.name.as_str())) else {
         return Err((
             String::new(),
             Problem::SecretNotFound {
@@ -555,35 +688,55 @@ fn credentials(
             },
         ));
     };
-    let label = format!("{namespace}/{}", reference.name);
-    let fail = |problem| (String::new(), problem);
+    let label = label(reference);
+    for pair in role.keys() {
+        if let Some(creds) = read_pair(secret, pair, &label).map_err(|p| (String::new(), p))? {
+            return Ok((creds, secret));
+        }
+    }
+    Err((
+        String::new(),
+        Problem::ChapKeysMissing {
+            secret: label,
+            keys: role.describe(),
+        },
+    ))
+}
 
-    let user = secret_value(secret, "username", &label).map_err(fail)?;
-    let user = String::from_utf8(user).map_err(|_| {
-        fail(Problem::SecretKeyInvalid {
-            secret: label.clone(),
-            key: "username",
-            reason: "not UTF-8".to_owned(),
-        })
+/// The credentials under the key pair `(user, password)`, `None` when the user key is absent.
+fn read_pair(
+    secret: &Secret,
+    (user_key, password_key): (&'static str, &'static str),
+    label: &str,
+) -> Result<Option<ChapCredentials>, Problem> {
+    if !secret.string_data.contains_key(user_key) && !secret.data.contains_key(user_key) {
+        return Ok(None);
+    }
+    let user = secret_value(secret, user_key, label)?;
+    let user = String::from_utf8(user).map_err(|_| Problem::SecretKeyInvalid {
+        secret: label.to_owned(),
+        key: user_key,
+        reason: "not UTF-8".to_owned(),
     })?;
     if user.is_empty() {
-        return Err(fail(Problem::SecretKeyInvalid {
-            secret: label,
-            key: "username",
+        return Err(Problem::SecretKeyInvalid {
+            secret: label.to_owned(),
+            key: user_key,
             reason: "empty".to_owned(),
-        }));
+        });
     }
-    let password = secret_value(secret, "password", &label).map_err(fail)?;
+    let password = secret_value(secret, password_key, label)?;
     if password.len() < MIN_CHAP_SECRET_BYTES {
-        return Err(fail(Problem::ChapSecretTooShort {
-            secret: label,
+        return Err(Problem::ChapSecretTooShort {
+            secret: label.to_owned(),
+            key: password_key,
             len: password.len(),
-        }));
+        });
     }
-    Ok(ChapCredentials {
+    Ok(Some(ChapCredentials {
         user,
         secret: password,
-    })
+    }))
 }
 
 /// A Secret value: `stringData` as is, else `data` base64-decoded (Kubernetes semantics).

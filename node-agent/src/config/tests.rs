@@ -942,3 +942,164 @@ fn each_bound_group_is_its_own_grant() {
     assert!(u.admits("iqn.2026-11.io.ktgt:other", ip("192.0.2.7")));
     assert!(!u.admits("iqn.2026-11.io.ktgt:other", ip("198.51.100.7")));
 }
+
+/// A `kubernetes.io/iscsi-chap` Secret as kubelet's in-tree iSCSI volumes and csi-driver-iscsi
+/// use it: open-iscsi setting names for the initiator's account and, with `_in`, the
+/// target's (mutual CHAP without a mutualSecretRef).
+#[test]
+fn chap_from_kubelet_key_names() {
+    let kubelet = "type: kubernetes.io/iscsi-chap\nstringData:\n  \
+                   node.session.auth.username: host-a\n  \
+                   node.session.auth.password: initiator-secret\n";
+    let yaml = format!(
+        "{}{}",
+        target("a", "iqn.2026-11.io.ktgt:a", CHAP),
+        secret("chap", kubelet)
+    );
+    let state = ok(&yaml);
+    let chap = &the_target(&state, "iqn.2026-11.io.ktgt:a").chap;
+    assert_eq!(chap.incoming[0].user, "host-a");
+    assert_eq!(chap.incoming[0].secret, b"initiator-secret");
+    assert_eq!(chap.outgoing, None);
+
+    let mutual = format!(
+        "{kubelet}  node.session.auth.username_in: the-target\n  \
+         node.session.auth.password_in: target-own-secret\n"
+    );
+    let yaml = format!(
+        "{}{}",
+        target("a", "iqn.2026-11.io.ktgt:a", CHAP),
+        secret("chap", &mutual)
+    );
+    let state = ok(&yaml);
+    let out = the_target(&state, "iqn.2026-11.io.ktgt:a")
+        .chap
+        .outgoing
+        .clone()
+        .expect("mutual from the _in keys");
+    assert_eq!(out.user, "the-target");
+    assert_eq!(out.secret, b"target-own-secret");
+
+    // Neither key set: the error names both.
+    let yaml = format!(
+        "{}{}",
+        target("a", "iqn.2026-11.io.ktgt:a", CHAP),
+        secret("chap", "stringData:\n  user: x\n")
+    );
+    assert_one_error(
+        &yaml,
+        &[
+            "spec.chap.secretRef: Secret default/chap: no CHAP credentials",
+            "username and password (or node.session.auth.username and node.session.auth.password)",
+        ],
+    );
+    // A short kubelet password names its key.
+    let yaml = format!(
+        "{}{}",
+        target("a", "iqn.2026-11.io.ktgt:a", CHAP),
+        secret(
+            "chap",
+            "stringData:\n  node.session.auth.username: u\n  node.session.auth.password: short\n"
+        )
+    );
+    assert_one_error(&yaml, &["key \"node.session.auth.password\" is 5 bytes"]);
+}
+
+fn discovery(name: &str, mutual: Option<&str>) -> DiscoveryChap {
+    let r = |n: &str| ktgt_operator::api::SecretReference {
+        name: n.to_owned(),
+        namespace: None,
+    };
+    DiscoveryChap {
+        secret_ref: r(name),
+        mutual_secret_ref: mutual.map(r),
+    }
+}
+
+/// `--discovery-chap-secret`: our keys or kubelet's `discovery.sendtargets.auth.*`, mutual
+/// from `--discovery-chap-mutual-secret` or the `_in` keys; problems name the flag.
+#[test]
+fn discovery_chap_from_the_flag_secrets() {
+    let base = target("a", "iqn.2026-11.io.ktgt:a", "");
+    let ours = secret(
+        "disc",
+        "stringData:\n  username: finder\n  password: discovery-secret\n",
+    );
+    let state = parse_str_with(
+        &format!("{base}{ours}"),
+        "t.yaml",
+        Some(&discovery("disc", None)),
+    )
+    .unwrap();
+    let chap = state.discovery_chap.expect("discovery CHAP");
+    assert_eq!(chap.incoming[0].user, "finder");
+    assert_eq!(chap.outgoing, None);
+    // Without the flag, none.
+    assert_eq!(ok(&format!("{base}{ours}")).discovery_chap, None);
+
+    let kubelet = secret(
+        "disc",
+        "stringData:\n  discovery.sendtargets.auth.username: finder\n  \
+         discovery.sendtargets.auth.password: discovery-secret\n  \
+         discovery.sendtargets.auth.username_in: portal\n  \
+         discovery.sendtargets.auth.password_in: portal-own-secret\n",
+    );
+    let state = parse_str_with(
+        &format!("{base}{kubelet}"),
+        "t.yaml",
+        Some(&discovery("disc", None)),
+    )
+    .unwrap();
+    let chap = state.discovery_chap.unwrap();
+    assert_eq!(chap.incoming[0].user, "finder");
+    assert_eq!(chap.outgoing.unwrap().user, "portal");
+
+    let other = secret(
+        "mine",
+        "stringData:\n  username: portal2\n  password: portal-own-secret2\n",
+    );
+    let state = parse_str_with(
+        &format!("{base}{ours}{other}"),
+        "t.yaml",
+        Some(&discovery("disc", Some("mine"))),
+    )
+    .unwrap();
+    assert_eq!(
+        state.discovery_chap.unwrap().outgoing.unwrap().user,
+        "portal2"
+    );
+
+    for (yaml, d, needle) in [
+        (
+            base.clone(),
+            discovery("disc", None),
+            "t.yaml: --discovery-chap-secret: Secret default/disc not found",
+        ),
+        (
+            format!("{base}{ours}"),
+            discovery("disc", Some("gone")),
+            "t.yaml: --discovery-chap-mutual-secret: Secret default/gone not found",
+        ),
+        (
+            format!("{base}{}", secret("disc", "stringData:\n  other: x\n")),
+            discovery("disc", None),
+            "discovery.sendtargets.auth.username and discovery.sendtargets.auth.password",
+        ),
+        (
+            format!(
+                "{base}{ours}{}",
+                secret(
+                    "same",
+                    "stringData:\n  username: p\n  password: discovery-secret\n"
+                )
+            ),
+            discovery("disc", Some("same")),
+            "--discovery-chap-mutual-secret: the mutual CHAP secret equals",
+        ),
+    ] {
+        let e = parse_str_with(&yaml, "t.yaml", Some(&d))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{e:?} lacks {needle:?}");
+    }
+}

@@ -49,6 +49,15 @@ const RECONCILE_CONCURRENCY: u16 = 8;
 /// Changes arriving closer together than this are applied in one sync.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
+/// What the agent's flags add to cluster mode.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `--csi-volume-dir`: where TargetSnapshots and deleted volumes' files may be removed.
+    pub volume_dir: Option<std::path::PathBuf>,
+    /// `--discovery-chap-secret` and `--discovery-chap-mutual-secret`.
+    pub discovery: Option<crate::config::DiscoveryChap>,
+}
+
 /// Runs cluster mode for `node` until `shutdown` is cancelled. Marks [`READY_INITIAL_SYNC`]
 /// on `readiness` after the first sync.
 pub async fn run(
@@ -58,8 +67,12 @@ pub async fn run(
     metrics: ReconcileMetrics,
     readiness: Readiness,
     shutdown: CancellationToken,
-    volume_dir: Option<std::path::PathBuf>,
+    options: Options,
 ) {
+    let Options {
+        volume_dir,
+        discovery,
+    } = options;
     let changes = Arc::new(Changes::default());
     let (targets, targets_writer) = reflector::store::<Target>();
     let (groups, groups_writer) = reflector::store::<InitiatorGroup>();
@@ -115,7 +128,7 @@ pub async fn run(
     let mut ctx = Context::new(
         client,
         stores,
-        Syncer::new(node.clone(), table),
+        Syncer::new(node.clone(), table).with_discovery_chap(discovery),
         metrics,
         Some(format!("ktgt-agent-{node}")),
     )

@@ -328,6 +328,8 @@ impl Tids {
 pub struct Syncer {
     node: String,
     table: Arc<TargetTable>,
+    /// `--discovery-chap-secret` (and mutual), read from the API like the Targets' Secrets.
+    discovery: Option<config::DiscoveryChap>,
     state: tokio::sync::Mutex<SyncState>,
 }
 
@@ -336,6 +338,8 @@ struct SyncState {
     /// The desired state last handed to `apply` (after backing store checks).
     applied: Option<DesiredState>,
     applied_at: Option<Instant>,
+    /// The last discovery CHAP problem logged (logged again only when it changes).
+    discovery_problem: Option<String>,
     /// LUNs that failed to open at the last `apply`.
     open_failures: BTreeMap<(String, u16), LunFailure>,
     tids: Tids,
@@ -350,8 +354,17 @@ impl Syncer {
         Syncer {
             node: node.into(),
             table,
+            discovery: None,
             state: Default::default(),
         }
+    }
+
+    /// Requires CHAP on discovery sessions with the credentials of `discovery`'s Secrets.
+    /// While they cannot be read, discovery fails closed (nobody authenticates) and the
+    /// problem is logged.
+    pub fn with_discovery_chap(mut self, discovery: Option<config::DiscoveryChap>) -> Syncer {
+        self.discovery = discovery;
+        self
     }
 
     /// The node this syncer serves.
@@ -397,10 +410,17 @@ impl Syncer {
     pub async fn sync(&self, stores: &Stores) -> Arc<NodeView> {
         stores.wait_until_ready().await;
         let targets = stores.targets.state();
-        stores
-            .secrets
-            .ensure(&secret_namespaces(&targets, &self.node))
-            .await;
+        let mut namespaces = secret_namespaces(&targets, &self.node);
+        if let Some(d) = &self.discovery {
+            for r in std::iter::once(&d.secret_ref).chain(&d.mutual_secret_ref) {
+                namespaces.insert(
+                    r.namespace
+                        .clone()
+                        .unwrap_or_else(|| config::DEFAULT_NAMESPACE.to_owned()),
+                );
+            }
+        }
+        stores.secrets.ensure(&namespaces).await;
         let objects = objects(
             &targets,
             &stores.groups.state(),
@@ -411,6 +431,25 @@ impl Syncer {
         let mut state = self.state.lock().await;
         let resolved = config::desired_state_for_node(&objects, Some(&self.node));
         let mut desired = resolved.state;
+        if let Some(d) = &self.discovery {
+            desired.discovery_chap = Some(match config::discovery_chap(d, &objects) {
+                Ok(chap) => {
+                    if state.discovery_problem.take().is_some() {
+                        tracing::info!("discovery CHAP credentials read; discovery open to them");
+                    }
+                    chap
+                }
+                Err((field, problem)) => {
+                    let message = format!("{field}: {problem}");
+                    if state.discovery_problem.as_ref() != Some(&message) {
+                        tracing::warn!(problem = %message,
+                            "discovery CHAP secret unusable: discovery sessions are refused until it is fixed");
+                        state.discovery_problem = Some(message);
+                    }
+                    target_core::config::ChapConfig::default()
+                }
+            });
+        }
         let mut lun_failures = BTreeMap::new();
         for e in config::check_backing_stores(&desired) {
             if let Some(t) = desired.targets.get_mut(&e.iqn) {

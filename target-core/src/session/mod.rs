@@ -105,18 +105,7 @@ impl LoginAuthority for Authority<'_> {
         let auth = if st.chap.incoming.is_empty() {
             AuthRequirement::None
         } else {
-            let accounts = st
-                .chap
-                .incoming
-                .iter()
-                .filter_map(|c| chap_secret(&c.secret).map(|s| (c.user.clone(), s)))
-                .collect();
-            let mutual = st
-                .chap
-                .outgoing
-                .as_ref()
-                .and_then(|c| chap_secret(&c.secret).map(|s| (c.user.clone(), s)));
-            AuthRequirement::Chap { accounts, mutual }
+            chap_requirement(&st.chap)
         };
         TargetLookup::Allowed {
             alias: st.alias.clone(),
@@ -128,6 +117,20 @@ impl LoginAuthority for Authority<'_> {
         self.table
             .session_exists(initiator_name, isid.0, tsih.0, self.tpgt)
     }
+}
+
+/// CHAP required with `chap`'s accounts (none: nobody can authenticate).
+fn chap_requirement(chap: &crate::config::ChapConfig) -> AuthRequirement {
+    let accounts = chap
+        .incoming
+        .iter()
+        .filter_map(|c| chap_secret(&c.secret).map(|s| (c.user.clone(), s)))
+        .collect();
+    let mutual = chap
+        .outgoing
+        .as_ref()
+        .and_then(|c| chap_secret(&c.secret).map(|s| (c.user.clone(), s)));
+    AuthRequirement::Chap { accounts, mutual }
 }
 
 /// Serves one accepted TCP connection until it closes.
@@ -221,7 +224,12 @@ async fn login_phase(
     let mut machine = LoginMachine::new(LoginConfig {
         limits: opts.limits.clone(),
         portal_group_tag: ctx.tpgt,
-        discovery_auth: AuthRequirement::None,
+        // RFC 7143 §12: discovery sessions authenticate as normal ones do when CHAP is
+        // configured for them; with it configured and no valid account, nobody discovers.
+        discovery_auth: ctx
+            .table
+            .discovery_chap()
+            .map_or(AuthRequirement::None, |c| chap_requirement(&c)),
         initial_stat_sn: Sn(rand::random::<u32>() & 0x0fff_ffff),
         queue_depth: opts.queue_depth,
     });

@@ -189,3 +189,50 @@ async fn long_send_targets_is_split_with_continuation() {
     i.send(&nop).await;
     assert_eq!(i.recv().await.header.itt(), itt);
 }
+
+/// RFC 7143 §12 / §13.3: with discovery CHAP configured, a discovery session authenticates
+/// like a normal one: the right secret discovers, a wrong one or none is 0201; normal
+/// sessions of a target without CHAP are not affected.
+#[tokio::test]
+async fn discovery_chap_is_required_when_configured() {
+    let mut desired = state([target(TARGET, &[0])]);
+    desired.discovery_chap = Some(ChapConfig {
+        incoming: vec![chap_account("finder", b"discovery-secret-1")],
+        outgoing: None,
+    });
+    let t = Target::start(desired).await;
+    let mut i = t.connect().await;
+    i.login(&Login::discovery().chap("finder", b"discovery-secret-1"))
+        .await
+        .expect("discovery with the right secret");
+    let (pairs, _, _) = send_targets(&mut i).await;
+    assert_eq!(value(&pairs, "TargetName"), Some(TARGET));
+    for l in [
+        Login::discovery().chap("finder", b"the-wrong-secret!!"),
+        Login::discovery().chap("someone", b"discovery-secret-1"),
+        Login::discovery(),
+    ] {
+        let mut i = t.connect().await;
+        assert_eq!(i.login(&l).await, Err(LoginRefused(2, 1)));
+    }
+    let mut i = t.connect().await;
+    i.login(&Login::normal(TARGET))
+        .await
+        .expect("normal login without CHAP");
+}
+
+/// A discovery secret that is configured but yields no account (for example a Secret that
+/// could not be read) fails closed: nobody discovers.
+#[tokio::test]
+async fn discovery_chap_without_accounts_refuses_everyone() {
+    let mut desired = state([target(TARGET, &[0])]);
+    desired.discovery_chap = Some(ChapConfig::default());
+    let t = Target::start(desired).await;
+    for l in [
+        Login::discovery(),
+        Login::discovery().chap("x", b"0123456789abcdef"),
+    ] {
+        let mut i = t.connect().await;
+        assert_eq!(i.login(&l).await, Err(LoginRefused(2, 1)));
+    }
+}

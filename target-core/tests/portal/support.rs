@@ -56,6 +56,7 @@ pub fn state(targets: impl IntoIterator<Item = TargetConfig>) -> DesiredState {
             .into_iter()
             .map(|t| (t.iqn.clone(), t))
             .collect::<BTreeMap<_, _>>(),
+        discovery_chap: None,
     }
 }
 

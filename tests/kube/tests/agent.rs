@@ -447,6 +447,94 @@ async fn chap_accounts_from_a_secret_and_deleting_the_secret_revokes() {
     assert_nothing_forbidden(cp, AGENT_USER);
 }
 
+/// kubelet's `kubernetes.io/iscsi-chap` Secret, as csi-driver-iscsi and in-tree iSCSI volumes
+/// write it, works unchanged: `node.session.auth.*` for the Target's CHAP and, with
+/// `--discovery-chap-secret`, `discovery.sendtargets.auth.*` for discovery sessions. Until
+/// that Secret exists, discovery fails closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_chap_secrets_for_sessions_and_discovery() {
+    if skip_without_libiscsi("kubelet-chap") {
+        return;
+    }
+    let cp = ControlPlane::shared();
+    let s = unique("iscsi-chap");
+    let secret_arg = format!("ktgt-system/{s}");
+    let agent = Agent::start_with(
+        cp,
+        "kubelet-chap",
+        "ktgt-agent",
+        &["--discovery-chap-secret", &secret_arg],
+    );
+    let targets: Api<Target> = Api::all(cp.client().await);
+    let (t, g, b) = (unique("disk"), unique("g"), unique("b"));
+    let t_iqn = iqn(&t);
+    cp.apply_yaml(&format!(
+        "apiVersion: tgtd.unstable.cloud/v1alpha1\nkind: Target\nmetadata: {{name: {t}}}\n\
+         spec:\n  nodeName: {node}\n  iqn: {t_iqn}\n  chap: {{secretRef: {{name: {s}, namespace: ktgt-system}}}}\n\
+         \x20 luns: [{{lun: 0, bsType: memory, size: 16Mi}}]\n---\n{}---\n{}",
+        group(&g, &[CLIENT]),
+        binding(&b, &t, &g),
+        node = agent.node,
+    ));
+    let discover = |creds: &str| {
+        iscsi(
+            "iscsi-ls",
+            &["-i", CLIENT, &format!("iscsi://{creds}{}", agent.portal)],
+        )
+    };
+    // No Secret yet: the Target is not served and discovery refuses everyone.
+    wait_target(&targets, &agent, &t, "ChapSecretMissing", |t| {
+        condition(t, "TargetFailed")
+            .is_some_and(|c| c.reason.as_deref() == Some("ChapSecretMissing"))
+    })
+    .await;
+    assert!(
+        !discover("finder%discovery-pass-1@").0,
+        "discovery open without its Secret"
+    );
+
+    cp.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {s}, namespace: ktgt-system}}\n\
+         type: kubernetes.io/iscsi-chap\nstringData:\n  \
+         node.session.auth.username: host-a\n  node.session.auth.password: session-pass-16b\n  \
+         discovery.sendtargets.auth.username: finder\n  \
+         discovery.sendtargets.auth.password: discovery-pass-1\n"
+    ));
+    let target = wait_target(&targets, &agent, &t, "Ready", ready).await;
+    let observed = target.status.unwrap().observed_state.unwrap();
+    assert_eq!(observed.accounts, vec!["host-a".to_owned()]);
+    let listed = wait_for(
+        "discovery with the Secret's account",
+        Duration::from_secs(20),
+        || async {
+            let (ok, out) = discover("finder%discovery-pass-1@");
+            ok.then_some(out)
+        },
+        || agent.proc.log_tail(30),
+    )
+    .await;
+    assert!(
+        listed.contains(&format!("Target:{t_iqn} Portal:{},1", agent.portal)),
+        "{listed}"
+    );
+    assert!(
+        !discover("finder%wrong-password-1@").0,
+        "wrong discovery secret admitted"
+    );
+    assert!(!discover("").0, "discovery without CHAP admitted");
+    let (ok, out) = iscsi(
+        "iscsi-inq",
+        &[
+            "-i",
+            CLIENT,
+            &format!("iscsi://host-a%session-pass-16b@{}/{t_iqn}/0", agent.portal),
+        ],
+    );
+    assert!(ok, "session CHAP from node.session.auth.*: {out}");
+    assert!(!agent.can_log_in(CLIENT, &t_iqn), "admitted without CHAP");
+    assert_nothing_forbidden(cp, AGENT_USER);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conditions_name_what_to_fix() {
     let cp = ControlPlane::shared();
