@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Cases: vm-fs, vm-raw, vm-discovery, vm-loginfail, vm-fs-chap, vm-fs-digests.
+# Cases: vm-fs, vm-raw, vm-discovery, vm-loginfail, vm-fs-chap, vm-fs-digests, vm-paths.
 # The Linux initiator (open-iscsi iscsiadm/iscsid + kernel iscsi_tcp) in the initiator VM
 # (tests/tools/initiator-vm; build it with tests/setup.sh). Workloads: see its README.
 # t1: plain target, LUN 1 of 256 MiB; t2: CHAP target, LUN 1 of 128 MiB.
+# vm-paths (last) restarts the agent with a second portal group: --listen 127.0.0.1:PORT
+# (TPGT 1) --listen 127.0.0.2:PORT2,2; the guest logs in through both and runs dm-multipath
+# over the two paths (the paths workload), and must see ALUA (TPGS, VPD 0x83, RTPG) with
+# TPGTs 1 and 2. Against tgtd a second portal (TPGT 1, no ALUA) is added with tgtadm.
 . "$(dirname "$0")/lib.sh"
-e2e_cases vm-fs vm-raw vm-discovery vm-loginfail vm-fs-chap vm-fs-digests || exit 0
+e2e_cases vm-fs vm-raw vm-discovery vm-loginfail vm-fs-chap vm-fs-digests vm-paths || exit 0
 VM=$TOOLS/initiator-vm
 [ -s "$VM/out/vmlinuz" ] && [ -s "$VM/out/initramfs.cpio.gz" ] || { fail_all "initiator VM not built (tests/setup.sh)"; exit 0; }
 CHAP_USER=e2evmuser CHAP_SECRET=e2evmsecret12
@@ -42,4 +46,33 @@ vm vm-loginfail t2 60 --workload loginfail --chap-user $CHAP_USER --chap-secret 
 vm vm-fs-chap t2 150 --workload fs "${CHAPOK[@]}"
 # the negotiated parameters the guest prints must show both digests
 EXPECT='DataDigest: CRC32C' vm vm-fs-digests t1 150 --workload fs "${DIGESTS[@]}"
+
+# paths_target PORT2: the target also serves t1 on 127.0.0.2:PORT2 (ktgt: portal group 2,
+# by restarting the agent with both portals; tgtd: one more portal of its TPG 1)
+paths_target() {
+  local p2=$1
+  case $E2E_TARGET in
+    ktgt)
+      target_stop
+      echo "# vm-paths: agent --listen 127.0.0.1:$PORT --listen 127.0.0.2:$p2,2" >>"$LOG"
+      RUST_LOG=${RUST_LOG:-info} setsid "$KTGT_AGENT" standalone --config "$WORK/config.yaml" \
+        --listen "127.0.0.1:$PORT" --listen "127.0.0.2:$p2,2" </dev/null >>"$LOG" 2>&1 &
+      TARGET_PID=$!
+      wait_listen "$PORT" "$TARGET_PID" 20 && wait_listen "$p2" "$TARGET_PID" 20 ;;
+    tgtd)
+      tgtadm -C "$TGTD_CTRL" --lld iscsi --op new --mode portal --param "portal=127.0.0.2:$p2" >>"$LOG" 2>&1 &&
+      wait_listen "$p2" "$TARGET_PID" 5 ;;
+  esac
+}
+# 2 cores, TCG: 19-24 s, up to about 48 s while the machine builds (the guest writes
+# 16 MiB and reads 48 MiB back)
+if e2e_want vm-paths; then
+  if ! PORT2=$(free_port); then fail vm-paths "no free port"
+  elif ! paths_target "$PORT2"; then
+    fail vm-paths "$E2E_TARGET did not listen on 127.0.0.1:$PORT and 127.0.0.2:$PORT2 (portal group 2)" "$LOG"
+  else
+    [ "$E2E_TARGET" = ktgt ] && paths_expect='paths: tpgt=1,2 alua=yes' || paths_expect=
+    EXPECT=$paths_expect vm vm-paths t1 150 --workload paths --portal2 "127.0.0.2:$PORT2"
+  fi
+fi
 exit 0
