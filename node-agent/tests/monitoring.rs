@@ -46,6 +46,7 @@ async fn exported() -> BTreeMap<String, BTreeSet<String>> {
             end_reason: Default::default(),
             info: Default::default(),
             io: Default::default(),
+            aborts: Default::default(),
         }),
     );
     // One sample in every family.

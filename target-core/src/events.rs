@@ -100,6 +100,7 @@ impl SessionEnd {
             SessionEnd::Target(EndReason::TargetRemoved) => "target_removed",
             SessionEnd::Target(EndReason::Reinstated) => "reinstated",
             SessionEnd::Target(EndReason::Shutdown) => "shutdown",
+            SessionEnd::Target(EndReason::ColdReset) => "cold_reset",
         }
     }
 
@@ -210,6 +211,7 @@ pub fn unit_attention_name(ua: UnitAttention) -> &'static str {
         UnitAttention::RegistrationsPreempted => "registrations_preempted",
         UnitAttention::AsymmetricAccessStateChanged => "asymmetric_access_state_changed",
         UnitAttention::CapacityDataChanged => "capacity_data_changed",
+        UnitAttention::CommandsClearedByAnotherInitiator => "commands_cleared_by_another_initiator",
         UnitAttention::InquiryDataChanged => "inquiry_data_changed",
         UnitAttention::ReportedLunsDataChanged => "reported_luns_data_changed",
     }

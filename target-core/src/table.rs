@@ -31,6 +31,9 @@ pub enum EndReason {
     Reinstated,
     /// The agent is shutting down.
     Shutdown,
+    /// An initiator asked for TARGET COLD RESET (RFC 7143 §11.5.1: the target drops every
+    /// connection to the target).
+    ColdReset,
 }
 
 /// A live session as the table sees it: enough to end it and to tell it about LUN changes.
@@ -50,6 +53,50 @@ pub struct SessionHandle {
     pub info: SessionInfo,
     /// The session's command counters.
     pub io: SessionIo,
+    /// Tasks another session's task management function aborts (see [`AbortRequests`]).
+    pub aborts: AbortRequests,
+}
+
+/// Task sets to abort in a session because of a task management function received in
+/// another session (a "third-party" reset: LOGICAL UNIT RESET, CLEAR TASK SET, TARGET WARM
+/// or COLD RESET). The session aborts them quietly: with the Control mode page's TAS bit 0,
+/// SAM-5 §5.6 terminates another I_T nexus's aborted commands without a response, and the
+/// reset's unit attention tells that nexus what happened.
+#[derive(Debug, Default)]
+pub struct AbortRequests {
+    pending: Mutex<Vec<AbortRequest>>,
+    notify: tokio::sync::Notify,
+}
+
+/// One third-party abort.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AbortRequest {
+    /// The LUN whose tasks to abort; `None`: every LUN.
+    pub lun: Option<u16>,
+    /// CLEAR TASK SET: a session that loses commands to it gets COMMANDS CLEARED BY ANOTHER
+    /// INITIATOR (SAM-5 §5.6, TAS 0). A reset needs none: its own unit attention says so.
+    pub cleared: bool,
+}
+
+impl AbortRequests {
+    /// Asks the session to abort its tasks as `request` says.
+    pub fn post(&self, request: AbortRequest) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(request);
+        self.notify.notify_one();
+    }
+
+    /// The requests posted since the last call.
+    pub fn take(&self) -> Vec<AbortRequest> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Resolves when a request was posted (one permit is kept if nobody waits).
+    pub async fn posted(&self) {
+        self.notify.notified().await
+    }
 }
 
 /// The negotiated state of a session that matters to an administrator, fixed at login.

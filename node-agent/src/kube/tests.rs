@@ -208,6 +208,7 @@ fn login(table: &TargetTable, iqn: &str, initiator: &str, peer: &str) -> Arc<Ses
         end_reason: Mutex::new(None),
         info: Default::default(),
         io: Default::default(),
+        aborts: Default::default(),
     });
     table.register_session(&target, handle.clone());
     handle

@@ -506,6 +506,15 @@ impl LogicalUnit {
         self.refresh_ua_pending(&st);
     }
 
+    /// Establishes `ua` for I_T nexus `nexus` only (unknown ids are ignored).
+    pub fn unit_attention_for(&self, nexus: u64, ua: UnitAttention) {
+        let mut st = self.lock();
+        if let Some(q) = st.ua.get_mut(&nexus) {
+            push_ua(q, ua);
+        }
+        self.refresh_ua_pending(&st);
+    }
+
     /// LOGICAL UNIT RESET (SAM-5 §6.3.3): mode parameters return to their defaults and a
     /// unit attention BUS DEVICE RESET FUNCTION OCCURRED (29h/03h) is established for every
     /// I_T nexus, the requester's included ("for all I_T nexuses" — libiscsi's

@@ -149,6 +149,9 @@ pub enum UnitAttention {
     AsymmetricAccessStateChanged,
     /// 2Ah/09h CAPACITY DATA HAS CHANGED: the store was resized.
     CapacityDataChanged,
+    /// 2Fh/00h COMMANDS CLEARED BY ANOTHER INITIATOR: another I_T nexus's CLEAR TASK SET
+    /// aborted commands of this one (SAM-5 §5.6, TAS 0).
+    CommandsClearedByAnotherInitiator,
     /// 3Fh/03h INQUIRY DATA HAS CHANGED.
     InquiryDataChanged,
     /// 3Fh/0Eh REPORTED LUNS DATA HAS CHANGED: a LUN was added to or removed from the target.
@@ -168,6 +171,7 @@ impl UnitAttention {
             UnitAttention::RegistrationsPreempted => (0x2A, 0x05),
             UnitAttention::AsymmetricAccessStateChanged => (0x2A, 0x06),
             UnitAttention::CapacityDataChanged => (0x2A, 0x09),
+            UnitAttention::CommandsClearedByAnotherInitiator => (0x2F, 0x00),
             UnitAttention::InquiryDataChanged => (0x3F, 0x03),
             UnitAttention::ReportedLunsDataChanged => (0x3F, 0x0E),
         };

@@ -453,6 +453,11 @@ impl Conn {
             .as_ref()
             .map(|h| h.cancel.clone())
             .unwrap_or_default();
+        // Third-party aborts (another session's reset); a discovery session gets none.
+        let handle = self.handle.clone();
+        let no_aborts = crate::table::AbortRequests::default();
+        let aborts = handle.as_deref().map_or(&no_aborts, |h| &h.aborts);
+        let mut aborted = std::pin::pin!(aborts.posted());
         let shutdown = self.ctx.shutdown.clone();
         let mut tick =
             tokio::time::interval(Duration::from_secs(1).min(self.ctx.options.nop_interval));
@@ -517,6 +522,13 @@ impl Conn {
                     if let Ok((itt, seq)) = done {
                         self.task_event(TaskEvent::Done(itt, seq)).await;
                     }
+                }
+                _ = &mut aborted => {
+                    aborted.set(aborts.posted());
+                    for request in aborts.take() {
+                        self.aborted_elsewhere(request);
+                    }
+                    self.admit_writes().await;
                 }
                 _ = &mut cancelled => {
                     let reason = self.handle.as_ref().and_then(|h| h.end_reason());
@@ -1379,14 +1391,19 @@ impl Conn {
                 }
             }
             tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET | tmf::LOGICAL_UNIT_RESET => {
-                match t
-                    .lun
-                    .number()
-                    .and_then(|n| self.target.as_ref().and_then(|tg| tg.lun(n)))
-                {
+                let number = t.lun.number();
+                match number.and_then(|n| self.target.as_ref().and_then(|tg| tg.lun(n))) {
                     None => tmf_response::LUN_DOES_NOT_EXIST,
                     Some(lu) => {
                         self.abort_where(|l| l == t.lun);
+                        // RFC 7143 §11.5.1: "ABORT TASK SET - aborts all tasks issued via
+                        // this session on the LU"; "CLEAR TASK SET - aborts all tasks in the
+                        // appropriate task set as defined by the TST field in the Control
+                        // mode page": TST 000b, one task set for every I_T nexus. LOGICAL
+                        // UNIT RESET aborts every task of the LU (SAM-5 §7.7).
+                        if t.function != tmf::ABORT_TASK_SET {
+                            self.abort_elsewhere(number, t.function == tmf::CLEAR_TASK_SET);
+                        }
                         if t.function == tmf::LOGICAL_UNIT_RESET {
                             lu.reset();
                         }
@@ -1395,7 +1412,10 @@ impl Conn {
                 }
             }
             tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
+                // RFC 7143 §11.5.1: the reset acts on the whole target: every session's
+                // tasks are aborted and every LU is reset (SAM-5 §6.3.1/§7.6).
                 self.abort_where(|_| true);
+                self.abort_elsewhere(None, false);
                 if let Some(target) = &self.target {
                     for n in target.lun_numbers() {
                         if let Some(lu) = target.lun(n) {
@@ -1425,20 +1445,64 @@ impl Conn {
         ))
         .await;
         if t.function == tmf::TARGET_COLD_RESET {
-            // RFC 7143 §11.5.1: after a cold reset the target drops all connections.
+            // RFC 7143 §11.5.1: after the response to a TARGET COLD RESET the target drops
+            // every connection to the target, terminating all its sessions: this one and
+            // the others.
+            if let Some(target) = &self.target {
+                for s in target.sessions() {
+                    s.end(EndReason::ColdReset);
+                }
+            }
             if let Some(h) = &self.handle {
-                h.end(EndReason::Reinstated);
+                h.end(EndReason::ColdReset);
             }
         }
     }
 
-    fn abort_where(&mut self, pred: impl Fn(Lun) -> bool) {
+    /// Asks every other session of this session's target to abort its tasks on LUN `lun`
+    /// (`None`: on every LUN): the part of a reset or CLEAR TASK SET that concerns tasks of
+    /// other I_T nexuses (RFC 7143 §11.5.1, SAM-5 §5.6).
+    fn abort_elsewhere(&self, lun: Option<u16>, cleared: bool) {
+        let (Some(target), Some(me)) = (&self.target, &self.handle) else {
+            return;
+        };
+        for s in target.sessions() {
+            if s.id != me.id {
+                s.aborts.post(crate::table::AbortRequest { lun, cleared });
+            }
+        }
+    }
+
+    /// Carries out another session's abort of this session's tasks: they end without a
+    /// response (TAS 0), and CLEAR TASK SET leaves COMMANDS CLEARED BY ANOTHER INITIATOR.
+    fn aborted_elsewhere(&mut self, request: crate::table::AbortRequest) {
+        let n = match request.lun {
+            Some(n) => self.abort_where(|l| l.number() == Some(n)),
+            None => self.abort_where(|_| true),
+        };
+        if n == 0 || !request.cleared {
+            return;
+        }
+        let lu = request
+            .lun
+            .and_then(|lun| self.target.as_ref().and_then(|t| t.lun(lun)));
+        if let (Some(lu), Some(me)) = (lu, &self.handle) {
+            lu.unit_attention_for(
+                me.id,
+                crate::scsi::UnitAttention::CommandsClearedByAnotherInitiator,
+            );
+        }
+    }
+
+    /// Aborts this session's tasks on the LUNs `pred` picks; returns how many.
+    fn abort_where(&mut self, pred: impl Fn(Lun) -> bool) -> usize {
         let running: Vec<Itt> = self
             .running
             .iter()
             .filter(|(_, r)| pred(r.lun))
             .map(|(i, _)| *i)
             .collect();
+        let mut n = running.len();
         for itt in running {
             if let Some(h) = self.forget_running(itt) {
                 h.abort();
@@ -1450,9 +1514,11 @@ impl Conn {
             .filter(|(_, w)| pred(w.cmd.lun))
             .map(|(i, _)| *i)
             .collect();
+        n += writes.len();
         for itt in writes {
             self.forget_write(itt);
         }
+        n
     }
 
     async fn text(&mut self, t: TextRequest, data: Bytes) {
@@ -1637,7 +1703,7 @@ impl Conn {
         self.ended = Some(SessionEnd::Target(reason));
         info!(peer = %self.peer, initiator = %self.params.initiator_name, target = self.params.target_name.as_deref().unwrap_or("-"), ?reason, "target ends session");
         self.drain(self.ctx.options.drain_timeout).await;
-        if reason != EndReason::Reinstated {
+        if !matches!(reason, EndReason::Reinstated | EndReason::ColdReset) {
             // RFC 7143 §11.9.1, AsyncEvent 3: "target will drop all connections of this
             // session"; Parameter2/3 carry Time2Wait and Time2Retain.
             self.send(Pdu::new(

@@ -377,5 +377,6 @@ pub(crate) fn new_handle(
             chap_user: params.chap_user.clone(),
         },
         io: Default::default(),
+        aborts: Default::default(),
     })
 }
