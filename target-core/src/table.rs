@@ -731,19 +731,30 @@ impl TargetTable {
             }
         };
         let identity = LuIdentity::derive(iqn, lc.lun, lc.serial.as_deref());
+        let naa = identity.naa;
         let groups = self.port_groups();
-        LogicalUnit::new(lc.lun, store, lc.block_size, lc.read_only, identity)
-            .map(|lu| {
-                lu.set_port_groups(&groups);
-                Arc::new(lu)
-            })
+        let mut lu = LogicalUnit::new(lc.lun, store, lc.block_size, lc.read_only, identity)
             .map_err(|e| BackendError::Invalid {
                 path: match &lc.backing {
                     Backing::Path(p) => p.clone(),
                     Backing::Memory { .. } => "<memory>".into(),
                 },
                 reason: e.to_string(),
-            })
+            })?;
+        // A regular file keeps its reservations beside it (APTPL, scsi/pr_state.rs).
+        if let Backing::Path(path) = &lc.backing {
+            if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+                let file = crate::scsi::pr_state::PrFile::beside(path, &naa);
+                lu = lu
+                    .with_reservation_file(file)
+                    .map_err(|e| BackendError::Invalid {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+            }
+        }
+        lu.set_port_groups(&groups);
+        Ok(Arc::new(lu))
     }
 }
 

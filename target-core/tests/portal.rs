@@ -21,6 +21,8 @@ mod memory;
 mod polling;
 #[path = "portal/portal_groups.rs"]
 mod portal_groups;
+#[path = "portal/reservations.rs"]
+mod reservations;
 #[path = "portal/resets.rs"]
 mod resets;
 #[path = "portal/window.rs"]

@@ -412,7 +412,13 @@ pub fn deletable_path(p: &Path, dir: &Path) -> bool {
 }
 
 fn remove_volume_files(target: &Target, dir: Option<&Path>) {
-    for path in volume_files(target, dir) {
+    // With each volume file goes its persistent reservation state (`<file>.pr`, APTPL).
+    let files = volume_files(target, dir).into_iter().flat_map(|p| {
+        let mut pr = p.clone().into_os_string();
+        pr.push(".pr");
+        [p, PathBuf::from(pr)]
+    });
+    for path in files {
         match std::fs::remove_file(&path) {
             Ok(()) => {
                 info!(target_name = %target.name_any(), path = %path.display(), "volume file deleted")

@@ -38,6 +38,7 @@ mod cdb;
 mod identity;
 mod opcodes;
 mod pr;
+pub mod pr_state;
 mod sbc;
 pub mod sense;
 mod spc;
@@ -168,6 +169,9 @@ pub struct LogicalUnit {
     /// This LU's I/O counters in the global registry, looked up once (see
     /// [`crate::stats::Probe::start`]).
     pub(crate) stats: std::sync::OnceLock<Arc<crate::stats::LunStats>>,
+    /// Where persistent reservations are saved while APTPL is in effect (see [`pr_state`]);
+    /// `None`: APTPL is refused.
+    pr_file: Option<pr_state::PrFile>,
 }
 
 #[derive(Debug, Default)]
@@ -227,7 +231,27 @@ impl LogicalUnit {
             }),
             read_modify_write: tokio::sync::Mutex::new(()),
             stats: std::sync::OnceLock::new(),
+            pr_file: None,
         })
+    }
+
+    /// Keeps persistent reservations in `file` while APTPL is in effect, starting from what
+    /// it holds (see [`pr_state`]). Fails for a file that is unreadable, corrupt or another
+    /// LU's: the LU must not be served without its reservations.
+    pub fn with_reservation_file(
+        mut self,
+        file: pr_state::PrFile,
+    ) -> Result<LogicalUnit, pr_state::PrStateError> {
+        if let Some(res) = file.load()? {
+            let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+            st.res = res;
+            let any = st.res.any();
+            *self.reserved.get_mut() = any;
+            tracing::info!(path = %file.path().display(), registrations = st.res.registered().count(),
+                "persistent reservations restored (APTPL)");
+        }
+        self.pr_file = Some(file);
+        Ok(self)
     }
 
     /// Capacity in logical blocks.

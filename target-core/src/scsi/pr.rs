@@ -14,8 +14,9 @@
 //!
 //! # What is kept, what is not
 //! - Registrations and the persistent reservation survive I_T nexus loss, LOGICAL UNIT RESET
-//!   and re-login (SPC-4 §5.12.4), but not a restart of the target: APTPL=1 is refused with
-//!   INVALID FIELD IN PARAMETER LIST and REPORT CAPABILITIES says PTPL_C=0.
+//!   and re-login (SPC-4 §5.12.4). With APTPL=1 they also survive a restart of the target on
+//!   a LU backed by a regular file (`pr_state.rs`; REPORT CAPABILITIES PTPL_C=1); other LUs
+//!   refuse APTPL=1 with INVALID FIELD IN PARAMETER LIST (PTPL_C=0).
 //! - SPEC_I_PT, ALL_TG_PT and REGISTER AND MOVE are not supported (SIP_C=0, ATP_C=0; REGISTER
 //!   AND MOVE is an unsupported service action: INVALID FIELD IN CDB).
 //! - PREEMPT AND ABORT behaves as PREEMPT: aborting the preempted nexuses' tasks is the
@@ -72,6 +73,11 @@ impl ItNexus {
             target_port,
         }
     }
+
+    /// The initiator port name.
+    pub(crate) fn initiator(&self) -> &str {
+        &self.initiator
+    }
 }
 
 /// The iSCSI initiator port name of a session: `<initiator name>,i,0x<ISID in 12 hex digits>`
@@ -99,7 +105,7 @@ pub(crate) enum PrType {
 }
 
 impl PrType {
-    fn from_code(code: u8) -> Option<PrType> {
+    pub(crate) fn from_code(code: u8) -> Option<PrType> {
         Some(match code {
             1 => PrType::WriteExclusive,
             3 => PrType::ExclusiveAccess,
@@ -111,7 +117,7 @@ impl PrType {
         })
     }
 
-    fn code(self) -> u8 {
+    pub(crate) fn code(self) -> u8 {
         match self {
             PrType::WriteExclusive => 1,
             PrType::ExclusiveAccess => 3,
@@ -163,7 +169,7 @@ struct Persistent {
 }
 
 /// Reservation state of one LU, kept in the LU state mutex.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Reservations {
     /// In registration order (READ KEYS lists them so).
     registrations: Vec<Registration>,
@@ -172,9 +178,59 @@ pub(crate) struct Reservations {
     generation: u32,
     /// Holder of an SPC-2 RESERVE(6/10) reservation.
     spc2: Option<ItNexus>,
+    /// APTPL of the last successful REGISTER or REGISTER AND IGNORE EXISTING KEY (SPC-4
+    /// §5.14.5): the state is saved to the LU's state file while it is set.
+    aptpl: bool,
 }
 
 impl Reservations {
+    /// State read back from a state file (APTPL in effect, as it was when saved). Refuses
+    /// what no sequence of commands could have produced.
+    pub(crate) fn restore(
+        generation: u32,
+        registrations: Vec<(ItNexus, u64)>,
+        reservation: Option<(PrType, ItNexus)>,
+    ) -> Result<Reservations, &'static str> {
+        if registrations.len() > MAX_REGISTRATIONS {
+            return Err("more registrations than a LU keeps");
+        }
+        let mut r = Reservations {
+            generation,
+            aptpl: true,
+            ..Reservations::default()
+        };
+        for (port, key) in registrations {
+            if key == 0 {
+                return Err("a registration with key 0");
+            }
+            if r.registration(&port).is_some() {
+                return Err("an I_T nexus registered twice");
+            }
+            r.registrations.push(Registration { port, key });
+        }
+        if let Some((kind, holder)) = reservation {
+            if r.registration(&holder).is_none() {
+                return Err("the reservation holder is not registered");
+            }
+            r.persistent = Some(Persistent { holder, kind });
+        }
+        Ok(r)
+    }
+
+    pub(crate) fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Registrations in order, with their keys.
+    pub(crate) fn registered(&self) -> impl Iterator<Item = (&ItNexus, u64)> {
+        self.registrations.iter().map(|r| (&r.port, r.key))
+    }
+
+    /// The persistent reservation's type and holder.
+    pub(crate) fn reservation(&self) -> Option<(PrType, &ItNexus)> {
+        self.persistent.as_ref().map(|p| (p.kind, &p.holder))
+    }
+
     /// Whether some reservation restricts access (registrations alone do not).
     pub(crate) fn any(&self) -> bool {
         self.persistent.is_some() || self.spc2.is_some()
@@ -642,15 +698,15 @@ impl LogicalUnit {
                     d.extend_from_slice(&[0; 2]); // obsolete
                 }
             },
-            // §6.15.4 REPORT CAPABILITIES: LENGTH 8; CRH=1 (we follow §5.12.3), SIP_C, ATP_C
-            // and PTPL_C zero; TMV=1 with ALLOW COMMANDS 000b (no information); PTPL_A=0;
-            // every type in the mask.
+            // §6.15.4 REPORT CAPABILITIES: LENGTH 8; CRH=1 (we follow §5.12.3), SIP_C and
+            // ATP_C zero, PTPL_C when the LU has a state file; TMV=1 with ALLOW COMMANDS 000b
+            // (no information), PTPL_A when APTPL is in effect; every type in the mask.
             prin::REPORT_CAPABILITIES => {
                 d.clear();
                 d.extend_from_slice(&8u16.to_be_bytes());
-                d.push(0x10); // CRH
-                d.push(0x80); // TMV
-                              // WR_EX_AR (7), EX_AC_RO (6), WR_EX_RO (5), EX_AC (3), WR_EX (1); EX_AC_AR (0).
+                d.push(0x10 | u8::from(self.pr_file.is_some())); // CRH, PTPL_C
+                d.push(0x80 | u8::from(r.aptpl)); // TMV, PTPL_A
+                                                  // WR_EX_AR (7), EX_AC_RO (6), WR_EX_RO (5), EX_AC (3), WR_EX (1); EX_AC_AR (0).
                 d.push(0x80 | 0x40 | 0x20 | 0x08 | 0x02);
                 d.push(0x01);
                 d.extend_from_slice(&[0; 2]);
@@ -741,14 +797,15 @@ impl LogicalUnit {
             // APTPL: "If a device server that does not support the APTPL bit value of one
             // receives that value in a REGISTER or a REGISTER AND IGNORE EXISTING KEY service
             // action, the device server shall terminate the command ... INVALID FIELD IN
-            // PARAMETER LIST." Our registrations do not survive a restart (PTPL_C=0).
-            if list[20] & 0x01 != 0 {
+            // PARAMETER LIST." Only a LU with a state file supports it (PTPL_C).
+            if list[20] & 0x01 != 0 && self.pr_file.is_none() {
                 return Err(ScsiError::param_bit(20, 0));
             }
         }
         let mut st = self.lock();
         let port = st.port(nexus);
         let mut uas = Vec::new();
+        let before = st.res.clone();
         let r = &mut st.res;
         let result = match (sa, kind) {
             (prout::REGISTER, _) => r.register(&port, key, sa_key, false, &mut uas),
@@ -765,6 +822,26 @@ impl LogicalUnit {
             // Unreachable: every other service action was refused above or has a TYPE.
             _ => Err(ScsiError::cdb_bit(1, 4)),
         };
+        if result.is_ok() && registering {
+            // SPC-4 §5.14.5: the APTPL bit of the most recent successful REGISTER or
+            // REGISTER AND IGNORE EXISTING KEY decides whether the state persists.
+            r.aptpl = list[20] & 0x01 != 0;
+        }
+        // Saved before the command completes; a failed save undoes the command.
+        if let (Ok(()), Some(file)) = (&result, &self.pr_file) {
+            let saved = if r.aptpl {
+                file.save(r)
+            } else if before.aptpl {
+                file.remove()
+            } else {
+                Ok(())
+            };
+            if let Err(e) = saved {
+                tracing::error!(error = %e, "PERSISTENT RESERVE OUT not applied: its state could not be saved");
+                st.res = before;
+                return Err(ScsiError::InsufficientRegistrationResources);
+            }
+        }
         st.raise_for_ports(uas);
         self.refresh_reserved(&st);
         self.refresh_ua_pending(&st);

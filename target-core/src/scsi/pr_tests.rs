@@ -444,7 +444,7 @@ async fn prout_field_checks() {
         0x1A,
         0,
     );
-    // APTPL (refused: PTPL_C=0), SPEC_I_PT, ALL_TG_PT.
+    // APTPL (refused on a memory LU: PTPL_C=0), SPEC_I_PT, ALL_TG_PT.
     for (flag, bit) in [(0x01, 0), (0x08, 3), (0x04, 2)] {
         let r = run(
             &lu,
