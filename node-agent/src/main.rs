@@ -242,10 +242,13 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { config } => {
-            let desired = load(&Source::File(config), None)?;
-            for (iqn, t) in &desired.targets {
-                println!("target {iqn}: {} LUN(s), ACL {:?}", t.luns.len(), t.acl);
-            }
+            let desired = load(&Source::File(config.clone()), None)?;
+            print!("{}", describe(&desired));
+            println!(
+                "{}: valid, {} target(s)",
+                config.display(),
+                desired.targets.len()
+            );
             Ok(())
         }
     }
@@ -387,6 +390,7 @@ async fn standalone(
     let discovery = args.discovery_chap();
     let desired = load(&source, discovery.as_ref())
         .with_context(|| format!("invalid configuration: {source}"))?;
+    warn_shared_backing_stores(&desired);
     let table = TargetTable::new();
     table.set_engine(args.engine());
     let report = table.apply(&desired).await;
@@ -449,6 +453,13 @@ async fn standalone(
     Ok(())
 }
 
+/// Logs a warning for each backing store that several LUNs share.
+fn warn_shared_backing_stores(desired: &target_core::config::DesiredState) {
+    for shared in config::shared_backing_stores(desired) {
+        warn!("{shared}");
+    }
+}
+
 /// SIGHUP: re-read the file; apply it only if it is entirely valid.
 async fn reload(
     source: &Source,
@@ -458,6 +469,7 @@ async fn reload(
     info!(config = %source, "SIGHUP: reloading configuration");
     match load(source, discovery) {
         Ok(desired) => {
+            warn_shared_backing_stores(&desired);
             let report = table.apply(&desired).await;
             report.log();
         }
@@ -540,6 +552,84 @@ async fn kubernetes(
     table.flush_all().await;
     info!("stores flushed; exiting");
     Ok(())
+}
+
+/// What `ktgt-agent check` prints: each target with its LUNs, who may log in and CHAP
+/// account names (never secrets), then warnings: a target nobody may log in to, a backing
+/// store two LUNs share.
+fn describe(desired: &target_core::config::DesiredState) -> String {
+    use std::fmt::Write as _;
+    use target_core::config::{AddressRule, Backing};
+    let mut out = String::new();
+    let mut warnings = Vec::new();
+    for (iqn, t) in &desired.targets {
+        let _ = writeln!(out, "target {iqn}: {} LUN(s)", t.luns.len());
+        for (n, l) in &t.luns {
+            let store = match &l.backing {
+                Backing::Memory { size } => format!("memory, {size} bytes"),
+                Backing::Path(p) => match l.create_size {
+                    Some(size) => format!("{} ({size} bytes if created)", p.display()),
+                    None => p.display().to_string(),
+                },
+            };
+            let flags = [(l.read_only, ", read-only"), (l.direct, ", direct")]
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, f)| *f)
+                .collect::<String>();
+            let _ = writeln!(
+                out,
+                "  lun {n}: {store}, {}-byte blocks{flags}",
+                l.block_size
+            );
+        }
+        for g in &t.acl.grants {
+            let who = if g.initiators.is_empty() {
+                "any initiator".to_owned()
+            } else {
+                g.initiators.join(", ")
+            };
+            let from: Vec<String> = g
+                .addresses
+                .iter()
+                .map(|a| match a {
+                    AddressRule::All => "any address".to_owned(),
+                    AddressRule::Net(n) => n.to_string(),
+                })
+                .collect();
+            let from = if from.is_empty() {
+                "any address".to_owned()
+            } else {
+                from.join(", ")
+            };
+            let _ = writeln!(out, "  acl: {who} from {from} [{}]", g.source);
+        }
+        if t.acl.admits_nobody() {
+            let _ = writeln!(out, "  acl: nobody");
+            warnings.push(format!(
+                "target {iqn} admits nobody: no InitiatorGroupBinding binds a group with initiators or addresses to it"
+            ));
+        }
+        if !t.chap.incoming.is_empty() {
+            let users: Vec<&str> = t.chap.incoming.iter().map(|c| c.user.as_str()).collect();
+            let mutual = t
+                .chap
+                .outgoing
+                .as_ref()
+                .map(|c| format!("; mutual as {}", c.user))
+                .unwrap_or_default();
+            let _ = writeln!(out, "  chap: {}{mutual}", users.join(", "));
+        }
+    }
+    warnings.extend(
+        config::shared_backing_stores(desired)
+            .iter()
+            .map(ToString::to_string),
+    );
+    for w in warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    out
 }
 
 /// `[NAMESPACE/]NAME` of a Secret.

@@ -1019,3 +1019,58 @@ async fn discovery_chap_from_a_flag_named_secret() {
         "{err}"
     );
 }
+
+/// `ktgt-agent check` prints what a file would serve in words (no Debug structs, no secret),
+/// and warns about a target nobody may log in to and a file two LUNs share.
+#[test]
+fn check_describes_the_file_and_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("x.img");
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: {GV}\nkind: Target\nmetadata: {{name: a}}\nspec:\n  iqn: iqn.2024-01.test:a\n  \
+             luns: [{{lun: 0, backingStore: {img}, size: 1Mi}}]\n  chap: {{secretRef: {{name: s}}}}\n---\n\
+             apiVersion: {GV}\nkind: Target\nmetadata: {{name: b}}\nspec:\n  iqn: iqn.2024-01.test:b\n  \
+             luns: [{{lun: 3, backingStore: {img}, size: 1Mi}}]\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {{name: s}}\n\
+             stringData: {{username: alice, password: never-printed-1}}\n---\n\
+             apiVersion: {GV}\nkind: InitiatorGroup\nmetadata: {{name: g}}\n\
+             spec: {{initiators: [iqn.2024-01.test:h], addresses: [10.0.0.0/8]}}\n---\n\
+             apiVersion: {GV}\nkind: InitiatorGroupBinding\nmetadata: {{name: bb}}\n\
+             spec: {{targetRef: {{name: a}}, initiatorGroupRef: {{name: g}}}}\n",
+            img = img.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run ktgt-agent check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "target iqn.2024-01.test:a: 1 LUN(s)".to_owned(),
+        "  acl: iqn.2024-01.test:h from 10.0.0.0/8 [binding bb, group g]".to_owned(),
+        "  chap: alice".to_owned(),
+        "warning: target iqn.2024-01.test:b admits nobody".to_owned(),
+        format!(
+            "warning: {} is the backing store of 2 LUNs (iqn.2024-01.test:a LUN 0, iqn.2024-01.test:b LUN 3)",
+            img.display()
+        ),
+        "valid, 2 target(s)".to_owned(),
+    ] {
+        assert!(text.contains(&needle), "{needle:?} not in:\n{text}");
+    }
+    assert!(
+        !text.contains("never-printed") && !text.contains("Grant {"),
+        "{text}"
+    );
+}

@@ -99,3 +99,52 @@ fn check_path(path: &Path, can_create: bool) -> Result<(), Problem> {
         Err(e) => Err(unusable(e.to_string())),
     }
 }
+
+/// A backing store that several LUNs name: each writes over the others' data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedBackingStore {
+    pub path: std::path::PathBuf,
+    /// (target IQN, LUN) of every LUN naming it, in IQN and LUN order.
+    pub luns: Vec<(String, u16)>,
+}
+
+impl fmt::Display for SharedBackingStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let users: Vec<String> = self
+            .luns
+            .iter()
+            .map(|(iqn, lun)| format!("{iqn} LUN {lun}"))
+            .collect();
+        write!(
+            f,
+            "{} is the backing store of {} LUNs ({}): each initiator's writes land on the others' data",
+            self.path.display(),
+            self.luns.len(),
+            users.join(", ")
+        )
+    }
+}
+
+/// Backing stores named by more than one LUN (same path; different spellings of one file,
+/// such as a symbolic link, are not resolved).
+pub fn shared_backing_stores(state: &DesiredState) -> Vec<SharedBackingStore> {
+    let mut by_path: std::collections::BTreeMap<&Path, Vec<(String, u16)>> = Default::default();
+    for (iqn, target) in &state.targets {
+        for (&lun, config) in &target.luns {
+            if let Backing::Path(path) = &config.backing {
+                by_path
+                    .entry(path.as_path())
+                    .or_default()
+                    .push((iqn.clone(), lun));
+            }
+        }
+    }
+    by_path
+        .into_iter()
+        .filter(|(_, luns)| luns.len() > 1)
+        .map(|(path, luns)| SharedBackingStore {
+            path: path.to_path_buf(),
+            luns,
+        })
+        .collect()
+}

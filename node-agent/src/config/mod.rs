@@ -24,7 +24,9 @@ use std::path::Path;
 
 use target_core::config::DesiredState;
 
-pub use backing::{check_backing_stores, BackingStoreError};
+pub use backing::{
+    check_backing_stores, shared_backing_stores, BackingStoreError, SharedBackingStore,
+};
 pub use error::{ConfigError, ObjectError, ObjectKind, Problem};
 pub use ktgt_operator::quantity::parse_bytes;
 pub use names::{check_iscsi_name, MAX_NAME_BYTES};
