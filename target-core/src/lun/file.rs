@@ -344,6 +344,27 @@ impl FileShared {
         }
     }
 
+    /// Whether the bytes at `offset` are allocated, and how far that lasts (to the next
+    /// change, or the end of the served size), from `SEEK_DATA`/`SEEK_HOLE`. `None` for block
+    /// devices and where the filesystem cannot tell.
+    pub(crate) fn extent(&self, offset: u64) -> Option<(bool, u64)> {
+        use rustix::fs::{seek, SeekFrom};
+        let size = self.size();
+        if self.block_device || offset >= size {
+            return None;
+        }
+        match seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(data) if data > offset => Some((false, data.min(size) - offset)),
+            Ok(_) => {
+                let hole = seek(&self.file, SeekFrom::Hole(offset)).ok()?;
+                Some((true, hole.min(size).max(offset + 1) - offset))
+            }
+            // ENXIO: no data at or after `offset`: a hole to the end.
+            Err(e) if e == rustix::io::Errno::NXIO => Some((false, size - offset)),
+            Err(_) => None,
+        }
+    }
+
     pub(crate) fn punch_hole_supported(&self) -> bool {
         self.punch_hole.load(Ordering::Relaxed)
     }

@@ -288,6 +288,16 @@ impl Store {
         }
     }
 
+    /// Whether the bytes at `offset` are allocated and for how many bytes that holds (see
+    /// `FileShared::extent`); `None` where the store cannot tell (memory, block devices).
+    pub fn extent(&self, offset: u64) -> Option<(bool, u64)> {
+        match self {
+            Store::Memory(_) => None,
+            Store::ThreadPool(f) => f.shared().extent(offset),
+            Store::Uring(u) => u.shared().extent(offset),
+        }
+    }
+
     /// Reads `len` bytes at `offset` into a fresh buffer that the caller can send as is.
     pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, BackendError> {
         match self {

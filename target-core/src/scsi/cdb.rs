@@ -16,6 +16,7 @@ pub mod op {
     pub const RESERVE_6: u8 = 0x16;
     pub const RELEASE_6: u8 = 0x17;
     pub const MODE_SENSE_6: u8 = 0x1A;
+    pub const SANITIZE: u8 = 0x48;
     pub const START_STOP_UNIT: u8 = 0x1B;
     pub const PREVENT_ALLOW_MEDIUM_REMOVAL: u8 = 0x1E;
     pub const READ_CAPACITY_10: u8 = 0x25;

@@ -13,17 +13,20 @@
 //! - Sense formatting on the wire: [`Sense::to_fixed`] (D_SENSE is always zero here).
 //!
 //! # Not implemented (INVALID COMMAND OPERATION CODE, so libiscsi skips)
-//! XDWRITE*, WRITE ATOMIC, EXTENDED COPY, SANITIZE, READ DEFECT DATA, LOG SENSE. No
-//! protection information, no ALUA (TPGS 00b), D_SENSE fixed at zero, no saved mode pages.
-//! Persistent reservations are not persisted across restarts (APTPL=1 is refused, see `pr`).
+//! XDWRITE*, WRITE ATOMIC, EXTENDED COPY, READ DEFECT DATA, LOG SENSE; SANITIZE
+//! CRYPTOGRAPHIC ERASE. No protection information, D_SENSE fixed at zero, no saved mode
+//! pages. APTPL only on LUs backed by a regular file (see [`pr_state`]).
 //!
 //! # Layout
 //! - [`sense`]: status codes, [`Sense`], [`ScsiError`], [`UnitAttention`].
 //! - `cdb`: operation codes and CDB field helpers.
 //! - `spc`: primary commands (INQUIRY, REPORT LUNS, MODE SENSE/SELECT, REQUEST SENSE, ...).
 //! - `sbc`: block commands (READ, WRITE, VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE, ...).
+//! - `sanitize`: SANITIZE (OVERWRITE, BLOCK ERASE, EXIT FAILURE MODE) and its LU states.
 //! - `opcodes`: the command table behind REPORT SUPPORTED OPERATION CODES and dispatch.
-//! - `pr`: PERSISTENT RESERVE IN/OUT, RESERVE/RELEASE(6/10) and the reservation access check.
+//! - `pr`: PERSISTENT RESERVE IN/OUT, RESERVE/RELEASE(6/10) and the reservation access check;
+//!   [`pr_state`]: their state file (APTPL).
+//! - [`alua`]: target port groups, their access states, REPORT TARGET PORT GROUPS.
 //!
 //! # Concurrency
 //! Commands run concurrently on one LU. The state mutex (unit attentions, LUN list) is never
@@ -39,6 +42,7 @@ mod identity;
 mod opcodes;
 mod pr;
 pub mod pr_state;
+mod sanitize;
 mod sbc;
 pub mod sense;
 mod spc;
@@ -47,6 +51,8 @@ mod spc;
 mod alua_tests;
 #[cfg(test)]
 mod pr_tests;
+#[cfg(test)]
+mod sanitize_tests;
 #[cfg(test)]
 mod tests;
 
@@ -163,6 +169,11 @@ pub struct LogicalUnit {
     alua_restricted: AtomicBool,
     /// Caching mode page WCE (SBC-3 §6.4.5). With WCE=0 every write is FUA.
     wce: AtomicBool,
+    /// Control mode page SWP (SPC-4 §7.5.8): software write protect, set by MODE SELECT,
+    /// cleared by a reset.
+    swp: AtomicBool,
+    /// Whether a SANITIZE runs or failed (see [`sanitize`]); shared with its task.
+    sanitize: Arc<sanitize::SanitizeFlag>,
     state: Mutex<LuState>,
     /// Serialises the read-modify-write commands (COMPARE AND WRITE, ORWRITE).
     read_modify_write: tokio::sync::Mutex<()>,
@@ -224,6 +235,8 @@ impl LogicalUnit {
             reserved: AtomicBool::new(false),
             alua_restricted: AtomicBool::new(false),
             wce: AtomicBool::new(DEFAULT_WCE),
+            swp: AtomicBool::new(false),
+            sanitize: Arc::default(),
             state: Mutex::new(LuState {
                 target_luns: vec![lun],
                 port_groups: alua::default_groups(),
@@ -252,6 +265,12 @@ impl LogicalUnit {
         }
         self.pr_file = Some(file);
         Ok(self)
+    }
+
+    /// Whether writes are refused: the LUN is configured read-only, or software write
+    /// protect (SWP) is set.
+    pub(crate) fn write_protected(&self) -> bool {
+        self.read_only || self.swp.load(Ordering::Acquire)
     }
 
     /// Capacity in logical blocks.
@@ -308,6 +327,11 @@ impl LogicalUnit {
         let Some(&opcode) = cdb.first() else {
             return Err(ScsiError::InvalidOpcode);
         };
+        // SBC-3 §4.11: a sanitize in progress (or failed) answers for the LU before anything
+        // else, unit attentions included, on every I_T nexus.
+        if self.sanitize.get() != sanitize::SanitizeState::Idle {
+            self.check_sanitize(opcode)?;
+        }
         // SAM-5 §5.14 / SPC-4 §5.14: a pending unit attention is reported for any command
         // except INQUIRY, REPORT LUNS and REQUEST SENSE (which reports it as sense data).
         if self.ua_pending.load(Ordering::Acquire)
@@ -381,7 +405,11 @@ impl LogicalUnit {
             op::MAINTENANCE_IN if cdb[1] & 0x1F == cdb::op::SA_REPORT_TARGET_PORT_GROUPS => {
                 self.report_target_port_groups(cdb)
             }
-            op::MAINTENANCE_IN => opcodes::maintenance_in(cdb),
+            op::MAINTENANCE_IN => opcodes::maintenance_in(cdb, |opcode, sa| {
+                opcode != op::SANITIZE
+                    || sa != Some(sanitize::sa::BLOCK_ERASE)
+                    || self.store.supports_discard()
+            }),
             op::READ_CAPACITY_10 => self.read_capacity_10(cdb),
             op::SERVICE_ACTION_IN_16 => self.service_action_in_16(cdb).await,
             op::WRITE_AND_VERIFY_10 | op::WRITE_AND_VERIFY_12 | op::WRITE_AND_VERIFY_16 => {
@@ -396,6 +424,7 @@ impl LogicalUnit {
             op::UNMAP => self.unmap(cdb, &data).await,
             op::COMPARE_AND_WRITE => self.compare_and_write(cdb, data).await,
             op::ORWRITE => self.orwrite(cdb, data).await,
+            op::SANITIZE => self.sanitize_command(cdb, &data).await,
             op::PERSISTENT_RESERVE_IN => self.persistent_reserve_in(cdb),
             op::PERSISTENT_RESERVE_OUT => self.persistent_reserve_out(nexus, cdb, &data),
             op::RESERVE_6 | op::RESERVE_10 => self.reserve_spc2(nexus, cdb),
@@ -470,6 +499,13 @@ impl LogicalUnit {
             op::UNMAP | op::MODE_SELECT_10 => {
                 let c = cdb::fixed::<10>(cdb)?;
                 Ok(u64::from(cdb::be16([c[7], c[8]])))
+            }
+            // At most a block and 4 bytes are a valid list (sanitize.rs); more is refused
+            // without buffering it.
+            op::SANITIZE => {
+                let c = cdb::fixed::<10>(cdb)?;
+                let len = u64::from(cdb::be16([c[7], c[8]]));
+                Ok(len.min(u64::from(self.block_size) + 8))
             }
             op::MODE_SELECT_6 => Ok(u64::from(cdb::fixed::<6>(cdb)?[4])),
             op::PERSISTENT_RESERVE_OUT => {
@@ -547,6 +583,7 @@ impl LogicalUnit {
     /// transport's job.
     pub fn reset(&self) {
         self.wce.store(DEFAULT_WCE, Ordering::Release);
+        self.swp.store(false, Ordering::Release);
         {
             let mut st = self.lock();
             self.release_spc2_for(&mut st, None);

@@ -82,6 +82,21 @@ const COMMANDS: &[Command] = &[
         &[0x41, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0],
     ),
     cmd(op::UNMAP, &[0x42, 0x01, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, 0]),
+    sa_cmd(
+        op::SANITIZE,
+        super::sanitize::sa::OVERWRITE,
+        &[0x48, 0xA1, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
+    ),
+    sa_cmd(
+        op::SANITIZE,
+        super::sanitize::sa::BLOCK_ERASE,
+        &[0x48, 0xA2, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
+    ),
+    sa_cmd(
+        op::SANITIZE,
+        super::sanitize::sa::EXIT_FAILURE_MODE,
+        &[0x48, 0xBF, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
+    ),
     cmd(
         op::MODE_SELECT_10,
         &[0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
@@ -228,7 +243,16 @@ const TIMEOUTS: [u8; 12] = [0x00, 0x0A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30];
 
 /// REPORT SUPPORTED OPERATION CODES (MAINTENANCE IN; REPORT TARGET PORT GROUPS is the LU's,
 /// see `alua.rs`).
-pub(crate) fn maintenance_in(cdb: &[u8]) -> Result<Bytes, ScsiError> {
+/// `offered(opcode, service action)` leaves out what this LU does not support.
+pub(crate) fn maintenance_in(
+    cdb: &[u8],
+    offered: impl Fn(u8, Option<u8>) -> bool,
+) -> Result<Bytes, ScsiError> {
+    let commands = || {
+        COMMANDS
+            .iter()
+            .filter(|c| offered(c.opcode, c.service_action))
+    };
     let c = cdb::fixed::<12>(cdb)?;
     if c[1] & 0x1F != op::SA_REPORT_SUPPORTED_OPCODES {
         return Err(ScsiError::cdb_bit(1, 4));
@@ -243,7 +267,7 @@ pub(crate) fn maintenance_in(cdb: &[u8]) -> Result<Bytes, ScsiError> {
         // SPC-4 §6.35.2 table 254: 000b: all commands; the other request fields are ignored.
         0 => {
             out.extend_from_slice(&[0; 4]);
-            for cmd in COMMANDS {
+            for cmd in commands() {
                 let sa = cmd.service_action.unwrap_or(0);
                 let mut flags = 0u8;
                 if cmd.service_action.is_some() {
@@ -268,16 +292,14 @@ pub(crate) fn maintenance_in(cdb: &[u8]) -> Result<Bytes, ScsiError> {
         // CODE field specifies an operation code that does not have service actions, then
         // the device server shall terminate the command ... INVALID FIELD IN CDB."
         1 | 2 => {
-            let has_sa = COMMANDS
-                .iter()
-                .any(|c| c.opcode == req_op && c.service_action.is_some());
+            let has_sa = commands().any(|c| c.opcode == req_op && c.service_action.is_some());
             if options == 1 && has_sa {
                 return Err(ScsiError::cdb(3));
             }
             if options == 2 && !has_sa {
                 return Err(ScsiError::cdb(3));
             }
-            let found = COMMANDS.iter().find(|c| {
+            let found = commands().find(|c| {
                 c.opcode == req_op
                     && (options == 1 || c.service_action.map(u16::from) == Some(req_sa))
             });

@@ -197,7 +197,7 @@ impl LogicalUnit {
         let byte_check = verify && rw.flags & 0x02 != 0;
         // SBC-3 §6.4.1: the WP bit we report in MODE SENSE "set to one specifies that the
         // medium is write-protected"; writes end in DATA PROTECT, WRITE PROTECTED (27h/00h).
-        if self.read_only {
+        if self.write_protected() {
             return Err(ScsiError::WriteProtected);
         }
         self.check_transfer(&rw)?;
@@ -344,8 +344,16 @@ impl LogicalUnit {
         if lba >= self.num_blocks() {
             return Err(ScsiError::LbaOutOfRange);
         }
+        let left = self.num_blocks() - lba;
+        // A file says where its holes are (SEEK_HOLE): one descriptor to the next change,
+        // however far (SBC-3 §5.7: the descriptor covers "the number of contiguous logical
+        // blocks" with the same status).
+        if let Some((mapped, bytes)) = self.store.extent(lba << self.block_shift) {
+            let run = (bytes >> self.block_shift).clamp(1, left.min(u64::from(u32::MAX)));
+            return Ok(lba_status(lba, run as u32, !mapped, alloc));
+        }
         const SCAN: u64 = 1 << 20;
-        let scan = (self.num_blocks() - lba).min(SCAN >> self.block_shift);
+        let scan = left.min(SCAN >> self.block_shift);
         let (off, len) = self.byte_range(lba, scan)?;
         let data = self
             .store
@@ -357,14 +365,7 @@ impl LogicalUnit {
         let mut blocks = data.chunks(bs);
         let first_zero = blocks.next().is_some_and(is_zero);
         let run = 1 + blocks.take_while(|b| is_zero(b) == first_zero).count();
-        let mut d = [0u8; 24];
-        // PARAMETER DATA LENGTH: n - 3 of the 4-byte field, i.e. 20 for one descriptor.
-        d[..4].copy_from_slice(&20u32.to_be_bytes());
-        d[8..16].copy_from_slice(&lba.to_be_bytes());
-        d[16..20].copy_from_slice(&(run as u32).to_be_bytes());
-        // PROVISIONING STATUS: 0h mapped, 1h deallocated.
-        d[20] = u8::from(first_zero);
-        Ok(Bytes::copy_from_slice(&d[..alloc.min(d.len())]))
+        Ok(lba_status(lba, run as u32, first_zero, alloc))
     }
 
     /// READ CAPACITY(16) (SBC-3 §5.16).
@@ -408,7 +409,7 @@ impl LogicalUnit {
         if !is16 && rw.flags & 0x01 != 0 {
             return Err(ScsiError::cdb_bit(1, 0));
         }
-        if self.read_only {
+        if self.write_protected() {
             return Err(ScsiError::WriteProtected);
         }
         self.check_range(rw.lba, u64::from(rw.blocks))?;
@@ -490,7 +491,7 @@ impl LogicalUnit {
         if c[1] & 0x01 != 0 {
             return Err(ScsiError::cdb_bit(1, 0));
         }
-        if self.read_only {
+        if self.write_protected() {
             return Err(ScsiError::WriteProtected);
         }
         let param_len = usize::from(be16([c[7], c[8]]));
@@ -558,7 +559,7 @@ impl LogicalUnit {
         if flags >> 5 != 0 {
             return Err(ScsiError::cdb_bit(1, 7));
         }
-        if self.read_only {
+        if self.write_protected() {
             return Err(ScsiError::WriteProtected);
         }
         let lba = be64([c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]]);
@@ -614,7 +615,7 @@ impl LogicalUnit {
         // ORPROTECT (byte 1 bits 7-5): without protection information "If the ORPROTECT field
         // is not set to 000b, ... INVALID FIELD IN CDB" (as RDPROTECT for READ).
         rw.check_no_protect()?;
-        if self.read_only {
+        if self.write_protected() {
             return Err(ScsiError::WriteProtected);
         }
         self.check_transfer(&rw)?;
@@ -642,6 +643,19 @@ impl LogicalUnit {
             .map_err(ScsiError::from_write)?;
         Ok(Bytes::new())
     }
+}
+
+/// GET LBA STATUS parameter data with one descriptor (SBC-3 §5.7.2): `blocks` from `lba`,
+/// deallocated or mapped, cut to `alloc` bytes.
+fn lba_status(lba: u64, blocks: u32, deallocated: bool, alloc: usize) -> Bytes {
+    let mut d = [0u8; 24];
+    // PARAMETER DATA LENGTH: n - 3 of the 4-byte field, i.e. 20 for one descriptor.
+    d[..4].copy_from_slice(&20u32.to_be_bytes());
+    d[8..16].copy_from_slice(&lba.to_be_bytes());
+    d[16..20].copy_from_slice(&blocks.to_be_bytes());
+    // PROVISIONING STATUS: 0h mapped, 1h deallocated.
+    d[20] = u8::from(deallocated);
+    Bytes::copy_from_slice(&d[..alloc.min(d.len())])
 }
 
 #[cfg(test)]

@@ -243,6 +243,12 @@ pub enum ScsiError {
     /// transitioning, 0Bh standby, 0Ch unavailable.
     #[error("logical unit not accessible: target port group {0:?}")]
     NotAccessible(super::alua::AccessState),
+    /// NOT READY, 04h/1Bh LOGICAL UNIT NOT READY, SANITIZE IN PROGRESS (SBC-3 §4.11).
+    #[error("sanitize in progress")]
+    SanitizeInProgress,
+    /// MEDIUM ERROR, 31h/03h SANITIZE COMMAND FAILED: the LU is in sanitize failure mode.
+    #[error("sanitize failed")]
+    SanitizeFailed,
     /// UNIT ATTENTION with the condition's code.
     #[error("unit attention {0:?}")]
     UnitAttention(UnitAttention),
@@ -335,6 +341,8 @@ impl ScsiError {
                 };
                 Sense::new(K::NOT_READY, 0x04, ascq)
             }
+            ScsiError::SanitizeInProgress => Sense::new(K::NOT_READY, 0x04, 0x1B),
+            ScsiError::SanitizeFailed => Sense::new(K::MEDIUM_ERROR, 0x31, 0x03),
             ScsiError::UnitAttention(ua) => ua.sense(),
             ScsiError::ReservationConflict => Sense::NO_SENSE,
             ScsiError::InvalidReleaseOfPersistentReservation => {

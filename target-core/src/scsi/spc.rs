@@ -120,6 +120,11 @@ impl LogicalUnit {
             0xB1 => {
                 d.resize(64, 0);
                 d[5] = 0x01;
+                // WABEREQ 01b (byte 7 bits 7..6): after SANITIZE BLOCK ERASE, reads return
+                // GOOD (zeroes) without a write first.
+                if self.store.supports_discard() {
+                    d[7] = 0x40;
+                }
             }
             // SBC-3 §6.5.4 Logical Block Provisioning.
             0xB2 => {
@@ -241,7 +246,7 @@ impl LogicalUnit {
             return Err(ScsiError::cdb_bit(2, 5));
         }
         // DEVICE-SPECIFIC PARAMETER (SBC-3 §6.4.1): WP (bit 7), DPOFUA (bit 4).
-        let dsp = if self.read_only { 0x80 } else { 0 } | 0x10;
+        let dsp = if self.write_protected() { 0x80 } else { 0 } | 0x10;
         let mut bd = Vec::new();
         if !dbd {
             if llbaa {
@@ -294,16 +299,21 @@ impl LogicalUnit {
                 out.extend_from_slice(&p);
             }
             // SPC-4 §7.5.8 Control mode page: TST 000b, D_SENSE 0, QUEUE ALGORITHM MODIFIER 1
-            // (unrestricted reordering), QERR 00b, BUSY TIMEOUT PERIOD unlimited. Nothing
-            // changeable.
+            // (unrestricted reordering), QERR 00b, BUSY TIMEOUT PERIOD unlimited. SWP (byte 4
+            // bit 3, software write protect) is the one changeable field.
             0x0A => {
                 let mut p = [0u8; 12];
                 p[0] = 0x0A;
                 p[1] = 0x0A;
-                if pc != 1 {
+                if pc == 1 {
+                    p[4] = 0x08;
+                } else {
                     p[3] = 0x10;
                     p[8] = 0xFF;
                     p[9] = 0xFF;
+                }
+                if pc == 0 && self.swp.load(Ordering::Acquire) {
+                    p[4] = 0x08;
                 }
                 out.extend_from_slice(&p);
             }
@@ -364,6 +374,7 @@ impl LogicalUnit {
         };
         self.check_block_descriptor(bd, long_lba, hdr)?;
         let mut new_wce = None;
+        let mut new_swp = None;
         let mut pos = bd_end;
         while pos < list.len() {
             let rest = &list[pos..];
@@ -402,7 +413,14 @@ impl LogicalUnit {
             if code == 0x08 {
                 new_wce = Some(got[2] & 0x04 != 0);
             }
+            if code == 0x0A {
+                new_swp = Some(got[4] & 0x08 != 0);
+            }
             pos += total;
+        }
+        let swp_changed = new_swp.is_some_and(|s| self.swp.swap(s, Ordering::AcqRel) != s);
+        if swp_changed {
+            self.raise_unit_attention(UnitAttention::ModeParametersChanged, Some(nexus));
         }
         if let Some(w) = new_wce {
             if self.wce.swap(w, Ordering::AcqRel) != w {
