@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Cases: vm-fs, vm-raw, vm-discovery, vm-loginfail, vm-fs-chap, vm-fs-digests, vm-paths.
+# Cases: vm-fs, vm-raw, vm-discovery, vm-loginfail, vm-fs-chap, vm-fs-digests, vm-paths, and
+# against ktgt vm-discovery-chap and vm-discovery-chap-refused: the agent restarted with
+# --discovery-chap-secret default/t2-chap; open-iscsi's SendTargets with that account lists
+# t1, with a wrong secret it is refused.
 # The Linux initiator (open-iscsi iscsiadm/iscsid + kernel iscsi_tcp) in the initiator VM
 # (tests/tools/initiator-vm; build it with tests/setup.sh). Workloads: see its README.
 # t1: plain target, LUN 1 of 256 MiB; t2: CHAP target, LUN 1 of 128 MiB.
@@ -8,7 +11,9 @@
 # over the two paths (the paths workload), and must see ALUA (TPGS, VPD 0x83, RTPG) with
 # TPGTs 1 and 2. Against tgtd a second portal (TPGT 1, no ALUA) is added with tgtadm.
 . "$(dirname "$0")/lib.sh"
-e2e_cases vm-fs vm-raw vm-discovery vm-loginfail vm-fs-chap vm-fs-digests vm-paths || exit 0
+DCHAP_CASES=()
+[ "$E2E_TARGET" = ktgt ] && DCHAP_CASES=(vm-discovery-chap vm-discovery-chap-refused)
+e2e_cases vm-fs vm-raw vm-discovery vm-loginfail vm-fs-chap vm-fs-digests "${DCHAP_CASES[@]}" vm-paths || exit 0
 VM=$TOOLS/initiator-vm
 [ -s "$VM/out/vmlinuz" ] && [ -s "$VM/out/initramfs.cpio.gz" ] || { fail_all "initiator VM not built (tests/setup.sh)"; exit 0; }
 CHAP_USER=e2evmuser CHAP_SECRET=e2evmsecret12
@@ -46,6 +51,32 @@ vm vm-loginfail t2 60 --workload loginfail --chap-user $CHAP_USER --chap-secret 
 vm vm-fs-chap t2 150 --workload fs "${CHAPOK[@]}"
 # the negotiated parameters the guest prints must show both digests
 EXPECT='DataDigest: CRC32C' vm vm-fs-digests t1 150 --workload fs "${DIGESTS[@]}"
+
+# Discovery CHAP (ktgt): the agent again, now requiring CHAP on discovery sessions with t2's
+# account; SendTargets with it lists t1, with a wrong secret the discovery step fails.
+if ((${#DCHAP_CASES[@]})) && { e2e_want vm-discovery-chap || e2e_want vm-discovery-chap-refused; }; then
+  target_stop
+  echo "# vm-discovery-chap: agent --discovery-chap-secret default/t2-chap" >>"$LOG"
+  RUST_LOG=${RUST_LOG:-info} setsid "$KTGT_AGENT" standalone --config "$WORK/config.yaml" \
+    --listen "127.0.0.1:$PORT" --discovery-chap-secret default/t2-chap </dev/null >>"$LOG" 2>&1 &
+  TARGET_PID=$!
+  if ! wait_listen "$PORT" "$TARGET_PID" 20; then
+    fail vm-discovery-chap "ktgt did not start with --discovery-chap-secret" "$LOG"
+  else
+    vm vm-discovery-chap t1 60 --workload discovery "${CHAPOK[@]}" --discovery-chap
+    if e2e_want vm-discovery-chap-refused; then
+      out=$WORK/vm-discovery-chap-refused.out
+      run 90 "$VM/run.sh" --portal "127.0.0.1:$PORT" --iqn "${CFG_IQN[t1]}" --lun 1 --timeout 60 \
+        --log "$WORK/vm-discovery-chap-refused.console" --workload discovery \
+        --chap-user $CHAP_USER --chap-secret wrongsecret99 --discovery-chap >"$out" 2>&1
+      rc=$?
+      if [ $rc = 0 ]; then fail vm-discovery-chap-refused "discovery with a wrong secret succeeded" "$out"
+      elif ! grep -aq '^ITEST FAIL discovery' "$out"; then
+        fail vm-discovery-chap-refused "run.sh exit $rc, but not at the discovery step" "$out"
+      else pass vm-discovery-chap-refused; fi
+    fi
+  fi
+fi
 
 # paths_target PORT2: the target also serves t1 on 127.0.0.2:PORT2 (ktgt: portal group 2,
 # by restarting the agent with both portals; tgtd: one more portal of its TPG 1)
