@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use iscsi_proto::login::{
     AuthRequirement, LoginAuthority, LoginConfig, LoginMachine, LoginStep, TargetLookup,
 };
-use iscsi_proto::negotiate::{SessionParams, SessionType, TargetLimits};
+use iscsi_proto::negotiate::{SessionParams, TargetLimits};
 use iscsi_proto::pdu::Header;
 use iscsi_proto::types::{Isid, Sn, Tsih};
 use iscsi_proto::{Codec, Pdu};
@@ -266,26 +266,26 @@ async fn login_phase(
                 "non-login PDU before login completed",
             ));
         }
-        match machine.handle_pdu(&pdu, &authority, &mut rng) {
+        let mut step = machine.handle_pdu(&pdu, &authority, &mut rng);
+        if let LoginStep::Complete { params, .. } = &step {
+            // RFC 7143 §11.13.3: "For a new session, the target MUST generate a non-zero
+            // TSIH" for the final Login Response, discovery sessions included.
+            if params.tsih == Tsih(0) {
+                step.set_tsih(Tsih(ctx.table.allocate_tsih()));
+            }
+        }
+        match step {
             LoginStep::Continue(resp) => {
                 codec.encode(&resp, &mut wbuf);
                 stream.write_all(&wbuf).await?;
                 wbuf.clear();
             }
-            LoginStep::Complete {
-                mut response,
-                params,
-            } => {
-                let tsih = if params.session_type == SessionType::Normal {
-                    ctx.table.allocate_tsih()
-                } else {
-                    0
+            LoginStep::Complete { response, params } => {
+                let tsih = params.tsih.0;
+                let next_stat_sn = match &response.header {
+                    Header::LoginResponse(r) => r.stat_sn.add(1),
+                    _ => Sn(0),
                 };
-                let mut next_stat_sn = Sn(0);
-                if let Header::LoginResponse(r) = &mut response.header {
-                    r.tsih = Tsih(tsih);
-                    next_stat_sn = r.stat_sn.add(1);
-                }
                 codec.encode(&response, &mut wbuf);
                 stream.write_all(&wbuf).await?;
                 wbuf.clear();

@@ -142,6 +142,8 @@ async fn discovery_lists_only_admitted_targets_with_arrival_portal() {
     ]))
     .await;
     let mut i = t.login_with(&Login::discovery()).await;
+    // RFC 7143 §11.13.3: a new session, discovery too, gets a non-zero TSIH.
+    assert_ne!(i.login_response.as_ref().unwrap().tsih.0, 0);
     let (pairs, _, _) = send_targets(&mut i).await;
     let addr = format!("127.0.0.1:{},1", t.addr.port());
     assert_eq!(
