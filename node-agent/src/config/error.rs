@@ -217,7 +217,7 @@ pub enum Problem {
         reason: String,
     },
     #[error("Secret {secret}: no CHAP credentials: it needs the keys {keys}")]
-    ChapKeysMissing { secret: String, keys: &'static str },
+    ChapKeysMissing { secret: String, keys: String },
     #[error("Secret {secret}: key {key:?} is {len} bytes; CHAP secrets must be at least 12 bytes (96 bits, RFC 7143 §12.1.3)")]
     ChapSecretTooShort {
         secret: String,

@@ -516,30 +516,17 @@ fn chap_config(
     chap: &TargetChap,
     secrets: &SecretIndex<'_>,
 ) -> Result<ChapConfig, (String, Problem)> {
-    let (incoming, secret) = credentials(&chap.secret_ref, secrets, ChapRole::Initiator)
-        .map_err(|(f, p)| (format!("spec.chap.secretRef{f}"), p))?;
-    let outgoing = match &chap.mutual_secret_ref {
-        Some(reference) => {
-            let field = "spec.chap.mutualSecretRef";
-            let (creds, _) = credentials(reference, secrets, ChapRole::Target)
-                .map_err(|(f, p)| (format!("{field}{f}"), p))?;
-            Some((field, creds))
-        }
-        // kubelet's Secret (type kubernetes.io/iscsi-chap) carries the target's credentials
-        // for mutual CHAP beside the initiator's: the initiator will ask for them.
-        None => read_pair(secret, ChapRole::Target.keys()[1], &label(&chap.secret_ref))
-            .map_err(|p| ("spec.chap.secretRef".to_owned(), p))?
-            .map(|creds| ("spec.chap.secretRef", creds)),
-    };
-    if let Some((field, creds)) = &outgoing {
-        if creds.secret == incoming.secret {
-            return Err(((*field).to_owned(), Problem::MutualSecretReused));
-        }
-    }
-    Ok(ChapConfig {
-        incoming: vec![incoming],
-        outgoing: outgoing.map(|(_, c)| c),
-    })
+    chap_accounts(
+        ChapRefs {
+            secret_ref: &chap.secret_ref,
+            secret_field: "spec.chap.secretRef",
+            mutual_ref: chap.mutual_secret_ref.as_ref(),
+            mutual_field: "spec.chap.mutualSecretRef",
+            initiator: ChapRole::Initiator,
+            target: ChapRole::Target,
+        },
+        secrets,
+    )
 }
 
 /// Discovery CHAP from the agent's `--discovery-chap-secret` (and, for mutual CHAP,
@@ -549,33 +536,55 @@ pub fn discovery_chap(
     reference: &DiscoveryChap,
     objects: &Objects,
 ) -> Result<ChapConfig, (String, Problem)> {
-    let mut errors = Vec::new();
-    let secrets = index_secrets(&objects.secrets, &mut errors);
-    let flag = "--discovery-chap-secret";
-    let (incoming, secret) = credentials(
-        &reference.secret_ref,
+    // Duplicate Secrets are reported by the resolution of the Targets.
+    let secrets = index_secrets(&objects.secrets, &mut Vec::new());
+    chap_accounts(
+        ChapRefs {
+            secret_ref: &reference.secret_ref,
+            secret_field: "--discovery-chap-secret",
+            mutual_ref: reference.mutual_secret_ref.as_ref(),
+            mutual_field: "--discovery-chap-mutual-secret",
+            initiator: ChapRole::DiscoveryInitiator,
+            target: ChapRole::DiscoveryTarget,
+        },
         &secrets,
-        ChapRole::DiscoveryInitiator,
     )
-    .map_err(|(f, p)| (format!("{flag}{f}"), p))?;
-    let outgoing = match &reference.mutual_secret_ref {
-        Some(r) => {
-            let flag = "--discovery-chap-mutual-secret";
-            let (creds, _) = credentials(r, &secrets, ChapRole::DiscoveryTarget)
-                .map_err(|(f, p)| (format!("{flag}{f}"), p))?;
-            Some((flag, creds))
+}
+
+/// The Secrets of one CHAP configuration, where errors point, and the keys they are read with.
+struct ChapRefs<'a> {
+    secret_ref: &'a SecretReference,
+    secret_field: &'static str,
+    mutual_ref: Option<&'a SecretReference>,
+    mutual_field: &'static str,
+    /// The initiators' account.
+    initiator: ChapRole,
+    /// The target's own (mutual CHAP).
+    target: ChapRole,
+}
+
+/// The accounts `refs` names. Without a mutual Secret, the target's keys of kubelet's naming
+/// (`*_in`) in the first Secret give mutual CHAP: an initiator handed that Secret will ask
+/// for it. The mutual secret must differ from the initiator's (RFC 7143 §12.1.3).
+fn chap_accounts(
+    refs: ChapRefs<'_>,
+    secrets: &SecretIndex<'_>,
+) -> Result<ChapConfig, (String, Problem)> {
+    let (incoming, secret) = credentials(refs.secret_ref, secrets, refs.initiator)
+        .map_err(|(f, p)| (format!("{}{f}", refs.secret_field), p))?;
+    let outgoing = match refs.mutual_ref {
+        Some(reference) => {
+            let (creds, _) = credentials(reference, secrets, refs.target)
+                .map_err(|(f, p)| (format!("{}{f}", refs.mutual_field), p))?;
+            Some((refs.mutual_field, creds))
         }
-        None => read_pair(
-            secret,
-            ChapRole::DiscoveryTarget.keys()[1],
-            &label(&reference.secret_ref),
-        )
-        .map_err(|p| (flag.to_owned(), p))?
-        .map(|creds| (flag, creds)),
+        None => read_pair(secret, refs.target.keys()[1], &label(refs.secret_ref))
+            .map_err(|p| (refs.secret_field.to_owned(), p))?
+            .map(|creds| (refs.secret_field, creds)),
     };
-    if let Some((flag, creds)) = &outgoing {
+    if let Some((field, creds)) = &outgoing {
         if creds.secret == incoming.secret {
-            return Err(((*flag).to_owned(), Problem::MutualSecretReused));
+            return Err(((*field).to_owned(), Problem::MutualSecretReused));
         }
     }
     Ok(ChapConfig {
@@ -640,21 +649,9 @@ impl ChapRole {
     }
 
     /// The key names, for the error when neither pair is there.
-    const fn describe(self) -> &'static str {
-        match self {
-            ChapRole::Initiator => {
-                "username and password (or node.session.auth.username and node.session.auth.password)"
-            }
-            ChapRole::Target => {
-                "username and password (or node.session.auth.username_in and node.session.auth.password_in)"
-            }
-            ChapRole::DiscoveryInitiator => {
-                "username and password (or discovery.sendtargets.auth.username and discovery.sendtargets.auth.password)"
-            }
-            ChapRole::DiscoveryTarget => {
-                "username and password (or discovery.sendtargets.auth.username_in and discovery.sendtargets.auth.password_in)"
-            }
-        }
+    fn describe(self) -> String {
+        let [(user, password), (user2, password2)] = self.keys();
+        format!("{user} and {password} (or {user2} and {password2})")
     }
 }
 
