@@ -33,6 +33,21 @@ impl Drop for Agent {
     }
 }
 
+/// `ktgt-agent standalone --config CONFIG ARGS...`, its log in `log`.
+fn standalone(config: &std::path::Path, args: &[&str], log: &std::path::Path) -> Agent {
+    Agent(
+        Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))
+            .arg("standalone")
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("start ktgt-agent"),
+    )
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -484,19 +499,17 @@ async fn ls_shows_who_is_logged_in_and_what_they_do() {
     let port = free_port();
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let log_path = dir.path().join("agent.log");
-    let _agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))
-            .arg("standalone")
-            .arg("--config")
-            .arg(&config)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--metrics-addr", &metrics.to_string()])
-            .arg("--admin-socket")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .expect("start ktgt-agent"),
+    let _agent = standalone(
+        &config,
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-addr",
+            &metrics.to_string(),
+            "--admin-socket",
+            &socket.display().to_string(),
+        ],
+        &log_path,
     );
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let ls = |json: bool| {
@@ -804,19 +817,17 @@ async fn two_portal_groups_are_two_paths_to_each_lun() {
     let socket = dir.path().join("admin.sock");
     let (p1, p2) = (free_port(), free_port());
     let log_path = dir.path().join("agent.log");
-    let _agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))
-            .arg("standalone")
-            .arg("--config")
-            .arg(&config)
-            .args(["--listen", &format!("127.0.0.1:{p1}")])
-            .args(["--listen", &format!("127.0.0.2:{p2},2")])
-            .arg("--admin-socket")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .expect("start ktgt-agent"),
+    let _agent = standalone(
+        &config,
+        &[
+            "--listen",
+            &format!("127.0.0.1:{p1}"),
+            "--listen",
+            &format!("127.0.0.2:{p2},2"),
+            "--admin-socket",
+            &socket.display().to_string(),
+        ],
+        &log_path,
     );
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let ls = || -> Option<Value> {
@@ -950,18 +961,17 @@ async fn discovery_chap_from_a_flag_named_secret() {
     .unwrap();
     let port = free_port();
     let log_path = dir.path().join("agent.log");
-    let _agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_ktgt-agent"))
-            .arg("standalone")
-            .arg("--config")
-            .arg(&config)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--discovery-chap-secret", "storage/discovery"])
-            .args(["--admin-socket", ""])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .expect("start ktgt-agent"),
+    let _agent = standalone(
+        &config,
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--discovery-chap-secret",
+            "storage/discovery",
+            "--admin-socket",
+            "",
+        ],
+        &log_path,
     );
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let listed = wait_for_or(
