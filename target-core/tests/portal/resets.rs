@@ -66,18 +66,28 @@ async fn finish_write(a: &mut Initiator, itt: Itt, r2t: &R2t) -> Option<u8> {
     }
 }
 
+/// B sends `function` while A's write waits for its data; then A sends the data. Returns
+/// A's write status, `None` when the write was aborted (no response).
+async fn tmf_during_a_pending_write(
+    a: &mut Initiator,
+    b: &mut Initiator,
+    function: u8,
+) -> Option<u8> {
+    let (itt, r2t) = pending_write(a).await;
+    assert_eq!(tmf_from(b, function).await, tmf_response::COMPLETE);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    finish_write(a, itt, &r2t).await
+}
+
 #[tokio::test]
 async fn lun_reset_aborts_the_tasks_of_every_session() {
     let t = Target::start(state([target(TARGET, &[0])])).await;
     let (mut a, mut b) = two_sessions(&t).await;
-    let (itt, r2t) = pending_write(&mut a).await;
-    assert_eq!(
-        tmf_from(&mut b, tmf::LOGICAL_UNIT_RESET).await,
-        tmf_response::COMPLETE
-    );
-    tokio::time::sleep(Duration::from_millis(100)).await;
     // A's write ended without a response (TAS 0); A hears of the reset.
-    assert_eq!(finish_write(&mut a, itt, &r2t).await, None);
+    assert_eq!(
+        tmf_during_a_pending_write(&mut a, &mut b, tmf::LOGICAL_UNIT_RESET).await,
+        None
+    );
     let r = a.exec(0, &tur(), 0).await;
     assert_eq!(r.sense_triplet(), (0x6, 0x29, 0x03));
     assert_eq!(a.exec(0, &tur(), 0).await.status, GOOD);
@@ -89,13 +99,10 @@ async fn lun_reset_aborts_the_tasks_of_every_session() {
 async fn abort_task_set_leaves_other_sessions_alone() {
     let t = Target::start(state([target(TARGET, &[0])])).await;
     let (mut a, mut b) = two_sessions(&t).await;
-    let (itt, r2t) = pending_write(&mut a).await;
     assert_eq!(
-        tmf_from(&mut b, tmf::ABORT_TASK_SET).await,
-        tmf_response::COMPLETE
+        tmf_during_a_pending_write(&mut a, &mut b, tmf::ABORT_TASK_SET).await,
+        Some(GOOD)
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(finish_write(&mut a, itt, &r2t).await, Some(GOOD));
     assert_eq!(a.exec(0, &tur(), 0).await.status, GOOD, "no unit attention");
 }
 
@@ -105,13 +112,10 @@ async fn abort_task_set_leaves_other_sessions_alone() {
 async fn clear_task_set_clears_every_session_and_says_so() {
     let t = Target::start(state([target(TARGET, &[0])])).await;
     let (mut a, mut b) = two_sessions(&t).await;
-    let (itt, r2t) = pending_write(&mut a).await;
     assert_eq!(
-        tmf_from(&mut b, tmf::CLEAR_TASK_SET).await,
-        tmf_response::COMPLETE
+        tmf_during_a_pending_write(&mut a, &mut b, tmf::CLEAR_TASK_SET).await,
+        None
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(finish_write(&mut a, itt, &r2t).await, None);
     let r = a.exec(0, &tur(), 0).await;
     assert_eq!(r.sense_triplet(), (0x6, 0x2F, 0x00));
     assert_eq!(
@@ -126,13 +130,10 @@ async fn target_warm_reset_acts_on_the_whole_target() {
     let t = Target::start(state([target(TARGET, &[0, 1])])).await;
     let (mut a, mut b) = two_sessions(&t).await;
     a.clear_ua(1).await;
-    let (itt, r2t) = pending_write(&mut a).await;
     assert_eq!(
-        tmf_from(&mut b, tmf::TARGET_WARM_RESET).await,
-        tmf_response::COMPLETE
+        tmf_during_a_pending_write(&mut a, &mut b, tmf::TARGET_WARM_RESET).await,
+        None
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(finish_write(&mut a, itt, &r2t).await, None);
     for lun in [0, 1] {
         let r = a.exec(lun, &tur(), 0).await;
         assert_eq!(r.sense_triplet(), (0x6, 0x29, 0x03), "LUN {lun}");
