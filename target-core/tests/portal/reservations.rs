@@ -146,3 +146,40 @@ async fn a_truncated_state_file_keeps_the_lun_from_being_served() {
         "LUN served without its reservations"
     );
 }
+
+/// A state file that cannot be written fails the PERSISTENT RESERVE OUT with INSUFFICIENT
+/// REGISTRATION RESOURCES and leaves the reservation state as it was.
+#[tokio::test]
+async fn a_failed_save_fails_the_command_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lun0.img");
+    let t = Target::start(file_target(&file, 1 << 20)).await;
+    let mut a = login_as(&t, 1).await;
+    // A directory where the state file goes: the rename over it fails.
+    std::fs::create_dir(dir.path().join("lun0.img.pr")).unwrap();
+    let mut p = [0u8; 24];
+    p[8..16].copy_from_slice(&KEY.to_be_bytes());
+    p[20] = 1;
+    let cmd = a.command(
+        0,
+        &[0x5F, 0, 0, 0, 0, 0, 0, 0, 24, 0],
+        24,
+        Dir::Write,
+        Bytes::copy_from_slice(&p),
+    );
+    a.send(&cmd).await;
+    let o = a.collect(cmd.header.itt()).await;
+    assert_eq!(
+        (o.status, o.sense_triplet()),
+        (CHECK_CONDITION, (0x5, 0x55, 0x04))
+    );
+    assert_eq!(a.exec(0, &tur(), 0).await.status, GOOD);
+    let keys = a.exec(0, &[0x5E, 0, 0, 0, 0, 0, 0, 0, 64, 0], 64).await;
+    assert_eq!(
+        u32::from_be_bytes(keys.data[4..8].try_into().unwrap()),
+        0,
+        "no key registered"
+    );
+    // Without APTPL nothing is saved, so the same registration works.
+    assert_eq!(prout(&mut a, 0, 0, 0, KEY, false).await, GOOD);
+}
