@@ -498,6 +498,21 @@ mod volume_file_tests {
             "not annotated: nothing"
         );
     }
+
+    #[test]
+    fn a_deleted_volume_takes_its_reservation_state_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("pool/a.img");
+        std::fs::create_dir_all(img.parent().unwrap()).unwrap();
+        std::fs::write(&img, b"data").unwrap();
+        std::fs::write(dir.path().join("pool/a.img.pr"), b"state").unwrap();
+        let t = target(true, &[img.to_str().unwrap()]);
+        remove_volume_files(&t, Some(dir.path()));
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("pool")).unwrap().count(),
+            0
+        );
+    }
 }
 
 #[cfg(test)]
