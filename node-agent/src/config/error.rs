@@ -9,20 +9,21 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{}: {source}", path.display())]
+    ///
+    /// The cause is part of the message and deliberately not a `source()`: an error report
+    /// that walks the chain (anyhow's "Caused by:") would print it twice.
+    #[error("{}: {cause}", path.display())]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    /// A document is not well-formed YAML.
-    #[error("{origin}: document {document}: {source}")]
+    /// A document is not well-formed YAML (the cause in the message, as for `Read`).
+    #[error("{origin}: document {document}: {cause}")]
     Yaml {
         origin: String,
         /// 1-based.
         document: usize,
-        #[source]
-        source: serde_yaml::Error,
+        cause: serde_yaml::Error,
     },
     /// One or more objects are invalid. Nothing is applied.
     #[error("{origin}: invalid configuration ({}):\n{}", plural(errors.len()), ErrorList(errors))]

@@ -52,9 +52,9 @@ pub fn load_file_with(
     path: &Path,
     discovery: Option<&DiscoveryChap>,
 ) -> Result<DesiredState, ConfigError> {
-    let yaml = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let yaml = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     let origin = path.display().to_string();
     let parsed = parse::parse_objects(&yaml, &origin)?;

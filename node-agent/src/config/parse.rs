@@ -49,10 +49,10 @@ pub(crate) fn parse_objects(yaml: &str, origin: &str) -> Result<Parsed, ConfigEr
     let mut errors = Vec::new();
     for (i, document) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
         let number = i + 1;
-        let value = Value::deserialize(document).map_err(|source| ConfigError::Yaml {
+        let value = Value::deserialize(document).map_err(|cause| ConfigError::Yaml {
             origin: origin.to_owned(),
             document: number,
-            source,
+            cause,
         })?;
         parsed.add_value(value, format!("document {number}"), &mut errors);
     }

@@ -216,6 +216,11 @@ fn yaml_syntax_error_names_document() {
     let e = parse_str(&yaml, "test.yaml").unwrap_err();
     assert!(matches!(e, ConfigError::Yaml { document: 2, .. }), "{e:?}");
     assert!(e.to_string().starts_with("test.yaml: document 2: "), "{e}");
+    // The parser's message is in ours, and not again as a source (an error report walking
+    // the chain would print it twice).
+    assert!(std::error::Error::source(&e).is_none(), "{e:?}");
+    let report = format!("{:?}", anyhow::Error::from(e));
+    assert!(!report.contains("Caused by"), "{report}");
 }
 
 #[test]
@@ -882,6 +887,8 @@ fn load_file_reports_unreadable_path() {
     let e = load_file(std::path::Path::new("/nonexistent/ktgt.yaml")).unwrap_err();
     assert!(matches!(e, ConfigError::Read { .. }), "{e:?}");
     assert!(e.to_string().starts_with("/nonexistent/ktgt.yaml: "), "{e}");
+    assert!(e.to_string().contains("No such file"), "{e}");
+    assert!(std::error::Error::source(&e).is_none(), "{e:?}");
 }
 
 #[test]
